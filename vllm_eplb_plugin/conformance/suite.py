@@ -1,0 +1,262 @@
+"""Property-based conformance checks for any ``EplbPolicy`` (needs ``hypothesis``).
+
+``run_conformance(policy)`` runs every property over generated cases and returns a
+``Report`` whose ``format()`` lists each failing property with hypothesis' minimal
+(shrunk) example. Cases cover: one layer, one slot per rank, no redundant slots, one
+rank, all-zero load, ties, one expert taking all load, huge loads, per-step series
+``[T, L, R, K]``, shuffled starting tables and ``max_move`` bounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ..placement import InvalidExpertTable, changed_slots, default_table, num_experts_of, validate_table
+from ..policy import EplbPolicy, PolicyConfig, PolicyResult
+from ..registry import load_policy_class
+
+__all__ = ["Case", "cases", "PROPERTIES", "Failure", "Report", "run_conformance", "run_property"]
+
+LOAD_KINDS = ("random", "zipf", "zero", "ties", "one_hot", "huge")
+
+
+@dataclass
+class Case:
+    """One generated input: ``table [L, R, K]`` and ``workload [L, R, K]`` or ``[T, L, R, K]``."""
+
+    table: np.ndarray
+    workload: np.ndarray
+    load_kind: str
+    max_move: int | None
+
+    def __repr__(self) -> str:
+        L, R, K = self.table.shape
+        return (
+            f"Case(L={L}, R={R}, K={K}, E={num_experts_of(self.table)}, load={self.load_kind!r}, "
+            f"workload_shape={list(self.workload.shape)}, max_move={self.max_move},\n"
+            f"     table={self.table.tolist()},\n     workload={self.workload.tolist()})"
+        )
+
+
+def _workload(rng: np.random.Generator, kind: str, table: np.ndarray, steps: int | None) -> np.ndarray:
+    shape = ((steps,) if steps else ()) + table.shape
+    E = num_experts_of(table)
+    if kind == "random":
+        return rng.integers(0, 1000, shape).astype(np.float64)
+    if kind == "zipf":
+        popularity = 1000.0 / (1 + rng.permutation(E)) ** 1.2  # [E]
+        return rng.poisson(popularity[table] * np.ones(shape)).astype(np.float64)
+    if kind == "zero":
+        return np.zeros(shape)
+    if kind == "ties":
+        return np.full(shape, 7.0)
+    if kind == "one_hot":
+        return np.where(table == rng.integers(E), 1000.0, 0.0) * np.ones(shape)
+    return rng.uniform(1e12, 1e15, shape)  # huge
+
+
+@st.composite
+def cases(draw: st.DrawFn, max_layers: int = 3, max_ranks: int = 6, max_slots: int = 5,
+          allow_max_move: bool = True) -> Case:
+    """Strategy for ``Case``; ``K <= E <= R * K`` so every shape admits a valid table."""
+    L = draw(st.integers(1, max_layers))
+    R = draw(st.integers(1, max_ranks))
+    K = draw(st.integers(1, max_slots))
+    E = draw(st.integers(K, R * K))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    table = default_table(L, R, K, E)
+    if draw(st.booleans()):  # a shuffled (still valid) start: relabel experts, reorder ranks
+        relabel = rng.permuted(np.broadcast_to(np.arange(E), (L, E)), axis=1)
+        table = np.take_along_axis(relabel, table.reshape(L, -1), axis=1).reshape(L, R, K)
+        table = table[:, rng.permutation(R)]
+    kind = draw(st.sampled_from(LOAD_KINDS))
+    steps = draw(st.one_of(st.none(), st.integers(1, 4)))
+    max_move = draw(st.one_of(st.none(), st.integers(0, R * K))) if allow_max_move else None
+    return Case(table, _workload(rng, kind, table, steps), kind, max_move)
+
+
+# --- properties: each takes (policy class, case, budget) and raises AssertionError ---------
+
+
+def _call(cls: type[EplbPolicy], case: Case, budget: float, max_move: int | None = None) -> PolicyResult:
+    policy = cls(PolicyConfig(max_move=max_move))
+    start = time.perf_counter()
+    result = policy.rebalance_experts(case.table, case.workload)
+    elapsed = time.perf_counter() - start
+    assert elapsed <= budget, f"one call took {elapsed:.3f} s, over the {budget} s budget"
+    return result
+
+
+def prop_result_contract(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """Returns a PolicyResult (bool changed, priority over layers, integer new_table).
+
+    ``priority`` is a permutation of the layer ids; ``new_table`` has the input's shape."""
+    result = _call(cls, case, budget)
+    assert isinstance(result, PolicyResult), f"returned {type(result).__name__}, not PolicyResult"
+    changed, priority, new_table = result  # unpacks as vLLM Ascend's 3-tuple
+    assert isinstance(changed, (bool, np.bool_)), f"changed is {type(changed).__name__}, not bool"
+    assert isinstance(new_table, np.ndarray), f"new_table is {type(new_table).__name__}, not numpy.ndarray"
+    assert new_table.shape == case.table.shape, f"new_table shape {new_table.shape} != input {case.table.shape}"
+    assert new_table.dtype.kind in "iu", f"new_table dtype {new_table.dtype} is not integer"
+    L = case.table.shape[0]
+    prio = np.asarray(priority)
+    assert prio.dtype.kind in "iu" and sorted(prio.tolist()) == list(range(L)), (
+        f"priority {prio.tolist()} is not a permutation of the {L} layer ids"
+    )
+
+
+def prop_valid_table(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """The new table is valid: ids in range, every expert placed, no rank duplicates."""
+    result = _call(cls, case, budget)
+    try:
+        validate_table(result.new_table, num_experts_of(case.table), name="new_table")
+    except InvalidExpertTable as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def prop_changed_flag(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """changed is True exactly when the new table differs from the current one."""
+    result = _call(cls, case, budget)
+    differs = bool(np.any(np.asarray(result.new_table) != case.table))
+    assert bool(result.changed) == differs, f"changed={result.changed} but the table {'differs' if differs else 'is equal'}"
+
+
+def prop_deterministic(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """The same input gives the same table, from one instance and from a fresh one."""
+    policy = cls(PolicyConfig())
+    first = policy.rebalance_experts(case.table, case.workload).new_table
+    again = policy.rebalance_experts(case.table, case.workload).new_table
+    fresh = _call(cls, case, budget).new_table
+    assert np.array_equal(first, again), "two calls on one instance returned different tables"
+    assert np.array_equal(first, fresh), "two instances returned different tables"
+
+
+def prop_inputs_unchanged(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """Inputs are not modified and the returned table is not a view of the input."""
+    table, workload = case.table.copy(), case.workload.copy()
+    result = _call(cls, case, budget)
+    assert np.array_equal(table, case.table), "current_expert_table was modified"
+    assert np.array_equal(workload, case.workload), "expert_workload was modified"
+    assert not np.shares_memory(result.new_table, case.table), "new_table shares memory with the input table"
+
+
+def prop_max_move(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """With max_move = m, at most m slots change per layer and the table stays valid."""
+    if case.max_move is None:
+        return
+    result = _call(cls, case, budget, max_move=case.max_move)
+    new = np.asarray(result.new_table)
+    moved = changed_slots(case.table, new)
+    assert np.all(moved <= case.max_move), f"max_move={case.max_move} but layers moved {moved.tolist()} slots"
+    try:
+        validate_table(new, num_experts_of(case.table), name="new_table")
+    except InvalidExpertTable as exc:
+        raise AssertionError(f"with max_move={case.max_move}: {exc}") from None
+
+
+def prop_accepts_torch(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """torch tensors in give the same table as numpy arrays in (skipped without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    expected = _call(cls, case, budget).new_table
+    got = cls(PolicyConfig()).rebalance_experts(torch.from_numpy(case.table), torch.from_numpy(case.workload))
+    assert np.array_equal(np.asarray(got.new_table), expected), "torch input gave a different table than numpy input"
+
+
+PROPERTIES: dict[str, Callable[[type[EplbPolicy], Case, float], None]] = {
+    "result_contract": prop_result_contract,
+    "valid_table": prop_valid_table,
+    "changed_flag": prop_changed_flag,
+    "deterministic": prop_deterministic,
+    "inputs_unchanged": prop_inputs_unchanged,
+    "max_move": prop_max_move,
+    "accepts_torch": prop_accepts_torch,
+}
+
+
+# --- running and reporting ------------------------------------------------------------------
+
+
+@dataclass
+class Failure:
+    prop: str
+    error: str
+    example: str
+
+
+@dataclass
+class Report:
+    policy: str
+    examples: int
+    passed: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def format(self) -> str:
+        lines = [f"EPLB policy conformance: {self.policy} ({self.examples} cases per property)"]
+        lines += [f"  PASS  {name}: {PROPERTIES[name].__doc__.split(chr(10))[0]}" for name in self.passed]
+        for f in self.failures:
+            lines.append(f"  FAIL  {f.prop}: {f.error}")
+            lines += ["        " + line for line in f.example.splitlines()]
+        lines.append(f"{len(self.passed)} passed, {len(self.failures)} failed")
+        return "\n".join(lines)
+
+
+def _policy_class(policy: Any) -> tuple[type[EplbPolicy], str]:
+    if isinstance(policy, type):
+        if not issubclass(policy, EplbPolicy):
+            raise TypeError(f"{policy!r} is not a subclass of vllm_eplb_plugin.EplbPolicy")
+        return policy, policy.name or policy.__qualname__
+    return load_policy_class(policy), str(policy)
+
+
+def run_property(cls: type[EplbPolicy], name: str, examples: int = 100, time_budget: float = 2.0,
+                 strategy: st.SearchStrategy | None = None) -> Failure | None:
+    """Run one property over ``examples`` cases; a ``Failure`` with the shrunk case, or None."""
+    prop = PROPERTIES[name]
+    seen: list[Case] = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=False,
+              report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
+    @given(case=strategy if strategy is not None else cases())
+    def check(case: Case) -> None:
+        seen.append(copy.deepcopy(case))  # a policy under test may mutate `case`
+        prop(cls, case, time_budget)
+
+    try:
+        check()
+    except Exception as exc:  # the property failed or the policy raised: report, don't crash
+        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, AssertionError) else str(exc)
+        if not isinstance(exc, AssertionError):
+            frames = traceback.extract_tb(exc.__traceback__)
+            error += f" (raised at {frames[-1].filename}:{frames[-1].lineno})"
+        return Failure(name, error, f"minimal example: {seen[-1]!r}" if seen else "no example")
+    return None
+
+
+def run_conformance(policy: Any, examples: int = 100, time_budget: float = 2.0,
+                    properties: list[str] | None = None) -> Report:
+    """Check ``policy`` (a name, ``"module:Class"`` or an ``EplbPolicy`` subclass)."""
+    cls, label = _policy_class(policy)
+    report = Report(label, examples)
+    for name in properties or list(PROPERTIES):
+        failure = run_property(cls, name, examples, time_budget)
+        if failure is None:
+            report.passed.append(name)
+        else:
+            report.failures.append(failure)
+    return report

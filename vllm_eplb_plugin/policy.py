@@ -1,0 +1,212 @@
+"""The policy contract: ``EplbPolicy.rebalance_experts(current_expert_table, expert_workload)``.
+
+A policy reads the current ``table [L, R, K]`` and the measured load per slot, either one
+window ``[L, R, K]`` or a per-step series ``[T, L, R, K]``, and returns a
+``PolicyResult(changed, priority, new_table)``. ``PolicyResult`` is a NamedTuple, so it
+unpacks like vLLM Ascend's ``(changed, priority, new_table)`` 3-tuple.
+
+Most policies only need ``PlacementPolicy``: implement ``place`` and the template does
+input validation, the ``max_move`` bound and the result bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, NamedTuple
+
+import numpy as np
+
+from .moves import limit_moves
+from .placement import (
+    _to_numpy,
+    num_experts_of,
+    rank_load,
+    slot_to_expert_load,
+    validate_table,
+)
+
+__all__ = [
+    "EplbPolicy",
+    "PlacementPolicy",
+    "PolicyConfig",
+    "PolicyResult",
+    "Option",
+    "as_workload",
+    "make_result",
+]
+
+_MAX_TOPOLOGY = 1 << 16  # nodes / groups: far above any real deployment, catches typos
+
+
+class PolicyResult(NamedTuple):
+    """What ``rebalance_experts`` returns.
+
+    - ``changed``: whether ``new_table`` differs from the current table.
+    - ``priority``: ``int64 [L]``, every layer id once, the layer whose predicted max rank
+      load improves most first (the order to apply updates in).
+    - ``new_table``: ``int64 [L, R, K]``, a valid table of the same shape.
+    """
+
+    changed: bool
+    priority: np.ndarray
+    new_table: np.ndarray
+
+
+@dataclass(frozen=True)
+class Option:
+    """One policy-specific knob, passed through ``PolicyConfig.options``."""
+
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def check(self, policy: str, key: str, value: Any) -> Any:
+        kind = type(self.default)
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise TypeError(
+                f"policy {policy!r} option {key!r} must be a {kind.__name__}; got {value!r} "
+                f"({type(value).__name__}). {self.help}"
+            )
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise ValueError(
+                f"policy {policy!r} option {key!r} must be in [{self.minimum}, {self.maximum}]; got {value!r}. "
+                f"{self.help}"
+            )
+        return kind(value)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"PolicyConfig.{name} must be an integer in [{lo}, {hi}]; got {value!r}.")
+    if not lo <= value <= hi:
+        raise ValueError(f"PolicyConfig.{name} must be in [{lo}, {hi}]; got {value}.")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Topology and limits a policy is built with."""
+
+    num_nodes: int = 1
+    """Server nodes; ranks are split evenly over them (hierarchical policies)."""
+    num_groups: int = 1
+    """Expert groups of group-limited routing (DeepSeek-V3 has 8); ``E % num_groups == 0``."""
+    max_move: int | None = None
+    """At most this many slots change per layer per update (EX mode); None: unbounded."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Policy-specific knobs; each policy lists its own in ``EplbPolicy.OPTIONS``."""
+
+    def __post_init__(self) -> None:
+        _check_int("num_nodes", self.num_nodes, 1, _MAX_TOPOLOGY)
+        _check_int("num_groups", self.num_groups, 1, _MAX_TOPOLOGY)
+        _check_int("max_move", self.max_move, 0, 1 << 20, allow_none=True)
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise TypeError(f"PolicyConfig.options must be a dict with string keys; got {self.options!r}.")
+
+
+def as_workload(workload: Any, table_shape: tuple[int, int, int], *, name: str = "expert_workload") -> np.ndarray:
+    """Validate a per-slot workload and return it as ``float64 [T, L, R, K]``.
+
+    Accepts ``[L, R, K]`` (returned with ``T = 1``) or ``[T, L, R, K]``; values must be
+    finite and non-negative.
+    """
+    arr = _to_numpy(workload)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != tuple(table_shape) or arr.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have shape [L, R, K] = {list(table_shape)} (one window) or [T, L, R, K] "
+            f"(per-step series); got {list(np.shape(workload))}."
+        )
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numeric; got dtype {arr.dtype}.")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} holds NaN or infinite values.")
+    if np.any(arr < 0):
+        idx = tuple(int(i) for i in np.argwhere(arr < 0)[0])
+        raise ValueError(f"{name} holds a negative load {arr[idx]} at index {idx}; loads are token counts.")
+    return arr
+
+
+def make_result(old: np.ndarray, new: np.ndarray, expert_load: np.ndarray) -> PolicyResult:
+    """Build a ``PolicyResult`` for ``old -> new`` (both ``[L, R, K]``) under
+    ``expert_load [L, E]``: layers ordered by predicted max-load ratio, best first."""
+    before = rank_load(old, expert_load).max(axis=1)
+    after = rank_load(new, expert_load).max(axis=1)
+    ratio = np.divide(after, before, out=np.ones_like(after), where=before > 0)
+    priority = np.argsort(ratio, kind="stable").astype(np.int64)
+    return PolicyResult(bool(np.any(old != new)), priority, new)
+
+
+class EplbPolicy(ABC):
+    """Base class of every placement policy.
+
+    Subclasses set ``name`` and, if they take knobs, ``OPTIONS``; they must not mutate
+    their inputs and must return a valid table of the input's shape.
+    """
+
+    name: ClassVar[str] = ""
+    OPTIONS: ClassVar[Mapping[str, Option]] = {}
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config if config is not None else PolicyConfig()
+        self.options = self._resolve_options(dict(self.config.options))
+
+    def _resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        label = self.name or type(self).__name__
+        unknown = sorted(set(given) - set(self.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(self.OPTIONS)) or "none"
+            raise ValueError(f"policy {label!r} has no option {unknown[0]!r}; its options are: {known}.")
+        return {key: opt.check(label, key, given[key]) if key in given else opt.default
+                for key, opt in self.OPTIONS.items()}
+
+    @abstractmethod
+    def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:
+        """Plan a new placement.
+
+        Args:
+            current_expert_table: ``[L, R, K]`` logical expert per slot (numpy or torch).
+            expert_workload: tokens routed to each slot, ``[L, R, K]`` or ``[T, L, R, K]``.
+
+        Returns:
+            ``PolicyResult(changed, priority [L], new_table [L, R, K])``.
+        """
+
+
+class PlacementPolicy(EplbPolicy):
+    """Template for policies that compute a target table: validates inputs, applies
+    ``max_move`` (keeping the moves that gain most) and fills in ``PolicyResult``."""
+
+    def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:
+        table = validate_table(current_expert_table, name="current_expert_table")
+        series = as_workload(expert_workload, table.shape)
+        num_experts = num_experts_of(table)
+        expert_load = slot_to_expert_load(table, series.sum(axis=0), num_experts)
+        target = self.place(table, series, expert_load)
+        if self.config.max_move is not None:
+            target = limit_moves(table, target, expert_load, self.config.max_move)
+        return make_result(table, target, expert_load)
+
+    @abstractmethod
+    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        """Return the target ``table [L, R, K]``.
+
+        Args:
+            table: current ``int64 [L, R, K]`` (validated; do not modify).
+            series: ``float64 [T, L, R, K]`` load per slot per step (``T = 1`` for a window).
+            expert_load: ``float64 [L, E]``, ``series`` summed over time and by expert.
+        """
