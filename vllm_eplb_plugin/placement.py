@@ -292,6 +292,12 @@ def load_expert_map(path: str | os.PathLike) -> np.ndarray:
     return table_from_json(doc, source=f"expert map {path!r}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_expert_map(path: str | os.PathLike, table: Any) -> None:
     """Validate ``table [L, R, K]`` and write it atomically (temp file + rename), so a
     reader never sees a half-written map."""
@@ -304,6 +310,7 @@ def save_expert_map(path: str | os.PathLike, table: Any) -> None:
             json.dump(table_to_json(t), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,36 @@
+"""An out-of-tree EPLB policy: the template for writing your own.
+
+Install it (``pip install ./policies/eplb-example-policy``) and select it with
+``{"eplb": {"policy": "example-lpt"}}``; check it with ``vllm-eplb conformance example-lpt``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vllm_eplb_plugin import PlacementPolicy
+from vllm_eplb_plugin.moves import preserve_slots, separate_duplicates
+from vllm_eplb_plugin.policies.deepseek import replicate
+
+__all__ = ["LptPolicy"]
+
+
+class LptPolicy(PlacementPolicy):
+    """Longest-processing-time packing over all ranks at once, one layer at a time."""
+
+    name = "example-lpt"
+
+    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        L, R, K = table.shape
+        phy2log, count = replicate(expert_load, R * K, cap=R)  # [L, S], [L, E]
+        target = np.empty_like(table)
+        for l in range(L):
+            replica_load = expert_load[l, phy2log[l]] / count[l, phy2log[l]]
+            rank_load = np.zeros(R)
+            filled = np.zeros(R, dtype=np.int64)
+            for p in np.argsort(-replica_load, kind="stable"):
+                r = int(np.where(filled < K, rank_load, np.inf).argmin())
+                target[l, r, filled[r]] = phy2log[l, p]
+                rank_load[r] += replica_load[p]
+                filled[r] += 1
+        return preserve_slots(table, separate_duplicates(target, expert_load))

@@ -1,0 +1,204 @@
+"""``vllm-eplb``: plan expert maps offline, inspect them, list and check policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .metrics import imbalance
+from .placement import (
+    InvalidExpertTable,
+    changed_slots,
+    default_table,
+    expert_to_slot_load,
+    load_expert_map,
+    logcnt,
+    num_experts_of,
+    save_expert_map,
+)
+from .policy import PolicyConfig
+from .registry import PolicyLoadError, PolicyNotFound, available_policies, create_policy, load_policy_class
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def load_heat(path: str) -> np.ndarray:
+    """Read expert heat ``[L, E]`` or per-step ``[T, L, E]`` from .json (a nested list, or
+    an object with a "heat" list) or .npy; values must be finite and non-negative."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            heat = np.load(path, allow_pickle=False)
+        elif ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            heat = np.asarray(doc["heat"] if isinstance(doc, dict) and "heat" in doc else doc)
+        else:
+            raise CliError(f"heat file {path!r} must end in .json or .npy")
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read heat file {path!r}: {exc}") from exc
+    if heat.dtype.kind not in "iuf" or heat.ndim not in (2, 3) or 0 in heat.shape:
+        raise CliError(
+            f"heat file {path!r} must hold numbers shaped [layers, experts] or [steps, layers, experts]; "
+            f"got dtype {heat.dtype}, shape {list(heat.shape)}"
+        )
+    heat = heat.astype(np.float64)
+    if not np.all(np.isfinite(heat)) or np.any(heat < 0):
+        raise CliError(f"heat file {path!r} holds negative, NaN or infinite values")
+    return heat
+
+
+def _layer_table(before: np.ndarray, after: np.ndarray | None, moved: np.ndarray | None) -> str:
+    head = f"{'layer':>5} {'imbalance':>10}" + (f" {'-> planned':>10} {'slots moved':>11}" if after is not None else "")
+    rows = [head]
+    for l in range(before.shape[0]):
+        row = f"{l:>5} {before[l]:>10.3f}"
+        if after is not None:
+            row += f" {after[l]:>10.3f} {moved[l]:>11d}"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    heat = load_heat(args.heat)
+    E = heat.shape[-1]
+    L = heat.shape[-2]
+    S = E + args.redundant
+    if S % args.ranks:
+        raise CliError(
+            f"{E} experts + {args.redundant} redundant = {S} slots do not split evenly over {args.ranks} ranks; "
+            f"use --redundant {args.redundant + (-S) % args.ranks} or another --ranks"
+        )
+    K = S // args.ranks
+    if args.current:
+        current = load_expert_map(args.current)
+        if current.shape != (L, args.ranks, K) or num_experts_of(current) != E:
+            raise CliError(
+                f"--current map has shape {list(current.shape)} with {num_experts_of(current)} experts; the heat "
+                f"and flags need [{L}, {args.ranks}, {K}] with {E} experts"
+            )
+    else:
+        current = default_table(L, args.ranks, K, E)
+    # Heat is per expert; policies read per-slot load, so spread it over current replicas.
+    if heat.ndim == 2:
+        workload = expert_to_slot_load(current, heat)
+    else:
+        workload = np.stack([expert_to_slot_load(current, h) for h in heat])
+    config = PolicyConfig(num_nodes=args.nodes, num_groups=args.groups, max_move=args.max_move)
+    policy = create_policy(_policy_arg(args.policy), config)
+    start = time.perf_counter()
+    result = policy.rebalance_experts(current, workload)
+    elapsed = time.perf_counter() - start
+    save_expert_map(args.output, result.new_table)
+    total = heat if heat.ndim == 2 else heat.sum(axis=0)
+    before, after = imbalance(current, total), imbalance(result.new_table, total)
+    print(_layer_table(before, after, changed_slots(current, result.new_table)))
+    print(
+        f"policy {type(policy).name or type(policy).__name__}: {L} layers, {args.ranks} ranks x {K} slots, {E} experts "
+        f"+ {args.redundant} redundant; mean imbalance {before.mean():.3f} -> {after.mean():.3f}; "
+        f"{elapsed * 1000:.1f} ms; wrote {args.output}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    table = load_expert_map(args.expert_map)
+    L, R, K = table.shape
+    E = num_experts_of(table)
+    counts = logcnt(table, E)
+    print(f"{args.expert_map}: {L} layers, {R} ranks x {K} slots = {R * K} slots, {E} experts, {R * K - E} redundant")
+    if args.heat:
+        heat = load_heat(args.heat)
+        heat = heat if heat.ndim == 2 else heat.sum(axis=0)
+        if heat.shape != (L, E):
+            raise CliError(f"heat has shape {list(heat.shape)}; this map needs [{L}, {E}]")
+        score = imbalance(table, heat)
+    print(f"{'layer':>5} {'replicated experts':>18} {'max replicas':>12}" + (f" {'imbalance':>10} {'balancedness':>12}" if args.heat else ""))
+    for l in range(L):
+        row = f"{l:>5} {int((counts[l] > 1).sum()):>18d} {int(counts[l].max()):>12d}"
+        if args.heat:
+            row += f" {score[l]:>10.3f} {1 / score[l]:>12.3f}"
+        print(row)
+    if args.heat:
+        print(f"mean imbalance {score.mean():.3f} (max rank load / mean rank load; 1.000 is perfect)")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    status = 0
+    for name in available_policies():
+        try:
+            cls = load_policy_class(name)
+        except PolicyLoadError as exc:
+            print(f"{name:<16} BROKEN  {exc}")
+            status = 1
+            continue
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:<16} {cls.__module__}.{cls.__qualname__}  {doc}")
+        for key, opt in cls.OPTIONS.items():
+            print(f"{'':<18}option {key} (default {opt.default!r}): {opt.help}")
+    return status
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run_conformance
+
+    report = run_conformance(_policy_arg(args.policy), examples=args.examples, time_budget=args.time_budget)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _policy_arg(value: str | None) -> str | int | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-eplb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="heat file -> expert map JSON (vLLM Ascend format)")
+    p.add_argument("--heat", required=True, help="[L, E] or [T, L, E] heat, .json or .npy")
+    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks R")
+    p.add_argument("--redundant", type=int, default=0, help="redundant slots in all (default 0)")
+    p.add_argument("--nodes", type=int, default=1, help="server nodes (default 1)")
+    p.add_argument("--groups", type=int, default=1, help="expert groups (default 1)")
+    p.add_argument("--policy", default=None, help="policy name, number or module:Class (default: the default policy)")
+    p.add_argument("--max-move", type=int, default=None, help="max slots changed per layer")
+    p.add_argument("--current", default=None, help="current expert map (default: vLLM's initial placement)")
+    p.add_argument("-o", "--output", required=True, help="expert map JSON to write")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("inspect", help="per-layer replicas and, with --heat, balance of an expert map")
+    p.add_argument("expert_map")
+    p.add_argument("--heat", default=None, help="[L, E] or [T, L, E] heat, .json or .npy")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("policies", help="list installed policies and their options")
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("conformance", help="run the conformance suite on a policy")
+    p.add_argument("policy", help="registered name or package.module:Class")
+    p.add_argument("--examples", type=int, default=100, help="generated cases per property (default 100)")
+    p.add_argument("--time-budget", type=float, default=2.0, help="seconds allowed per call (default 2)")
+    p.set_defaults(func=cmd_conformance)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, InvalidExpertTable, PolicyNotFound, PolicyLoadError, ValueError, TypeError) as exc:
+        print(f"vllm-eplb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
