@@ -1,0 +1,55 @@
+"""vllm-eplb plan / inspect on the bundled example, and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from vllm_eplb_plugin.cli import main
+from vllm_eplb_plugin.metrics import imbalance
+from vllm_eplb_plugin.placement import load_expert_map
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+HEAT = os.path.join(CONFIGS, "example_heat.json")
+
+
+def test_plan_then_inspect(tmp_path, capsys):
+    out = tmp_path / "map.json"
+    assert main(["plan", "--heat", HEAT, "--ranks", "6", "--redundant", "2", "-o", str(out)]) == 0
+    table = load_expert_map(out)
+    assert table.shape == (4, 6, 3)
+    heat = np.array(json.load(open(HEAT))["heat"], dtype=float)
+    assert np.all(imbalance(table, heat) < 1.2)
+    printed = capsys.readouterr().out
+    assert "policy deepseek: 4 layers, 6 ranks x 3 slots, 16 experts + 2 redundant" in printed
+    assert main(["inspect", str(out), "--heat", HEAT]) == 0
+    assert "4 layers, 6 ranks x 3 slots = 18 slots, 16 experts, 2 redundant" in capsys.readouterr().out
+
+
+def test_plan_time_series_npy_and_current_map(tmp_path):
+    rng = np.random.default_rng(0)
+    heat = rng.integers(0, 100, (5, 1, 8)).astype(float)  # [T, L, E]
+    np.save(tmp_path / "heat.npy", heat)
+    out = tmp_path / "map.json"
+    args = ["plan", "--heat", str(tmp_path / "heat.npy"), "--ranks", "2", "--redundant", "2",
+            "--current", os.path.join(CONFIGS, "expert_map_8e_2r.json"), "--max-move", "1", "-o", str(out)]
+    assert main(args) == 0
+    old = load_expert_map(os.path.join(CONFIGS, "expert_map_8e_2r.json"))
+    assert (load_expert_map(out) != old).sum() <= 1
+
+
+def test_plan_errors(tmp_path, capsys):
+    bad = tmp_path / "heat.json"
+    bad.write_text(json.dumps([[1, -2]]))
+    assert main(["plan", "--heat", str(bad), "--ranks", "2", "-o", str(tmp_path / "m.json")]) == 2
+    assert "holds negative, NaN or infinite values" in capsys.readouterr().err
+    assert main(["plan", "--heat", HEAT, "--ranks", "5", "--redundant", "2", "-o", str(tmp_path / "m.json")]) == 2
+    assert "16 experts + 2 redundant = 18 slots do not split evenly over 5 ranks; use --redundant 4" in capsys.readouterr().err
+    assert main(["plan", "--heat", HEAT, "--ranks", "6", "--redundant", "2", "--policy", "nope",
+                 "-o", str(tmp_path / "m.json")]) == 2
+    assert "no EPLB policy named 'nope'" in capsys.readouterr().err
+    assert main(["inspect", os.path.join(CONFIGS, "expert_map_8e_2r.json"), "--heat", HEAT]) == 2
+    assert "heat has shape [4, 16]; this map needs [1, 8]" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
