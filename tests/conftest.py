@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 import pytest
@@ -18,6 +19,10 @@ def require(available: bool, what: str) -> None:
 
 
 def vllm_ascend_sdist() -> str | None:
-    """Path of vLLM Ascend's source tarball (downloaded by .ci/run), if present."""
+    """Path of vLLM Ascend's source tarball: $VLLM_ASCEND_SDIST, else the one .ci/setup
+    downloads into .cache/peers/."""
     path = os.environ.get("VLLM_ASCEND_SDIST", "")
-    return path if path and os.path.isfile(path) else None
+    if path:
+        return path if os.path.isfile(path) else None
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", ".cache", "peers", "vllm_ascend-*.tar.gz")))
+    return found[-1] if found else None

@@ -6,10 +6,11 @@ has a free slot). Hierarchical when ``num_groups % num_nodes == 0``: expert grou
 first packed onto nodes, and replication and packing happen inside each node; otherwise
 global (one group, one node), as vLLM's ``DefaultEplbPolicy`` does.
 
-Two differences from the reference, both only where the reference would return a table
-that breaks an invariant: an expert gets at most one replica per rank of its node, and
-ties that put two replicas of one expert on one rank are separated by a load-neutral
-swap. Within a rank, experts the rank already held keep their slots.
+Differences from the reference, all only where the reference would put one expert twice
+on a rank (which our invariants forbid): an expert gets at most one replica per rank of
+its node; packing sends a replica to the lightest open rank that does not hold its expert
+yet; and if no such rank is open, a load-neutral swap separates the pair afterwards.
+Within a rank, experts the rank already held keep their slots.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def replicate(weight: np.ndarray, num_phy: int, cap: int) -> tuple[np.ndarray, n
     return phy2log, count
 
 
-def pack(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+def pack(weight: np.ndarray, num_packs: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pack ``n`` items into ``num_packs`` packs of ``n / num_packs`` items: heaviest item
     first, into the lightest pack that is not full (lowest index on ties).
+
+    ``labels [X, n]`` (optional, ids in ``[0, n)``): an item avoids packs that already hold
+    an item with its label, unless every open pack does. This only changes the result where
+    plain greedy would put two replicas of one expert on one rank.
 
     ``weight [X, n]`` -> ``pack_of [X, n]``, ``rank_in_pack [X, n]``.
     """
@@ -56,15 +61,23 @@ def pack(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-weight, axis=1, kind="stable")
     pack_w = np.zeros((X, num_packs))
     pack_n = np.zeros((X, num_packs), dtype=np.int64)
+    holds = np.zeros((X, num_packs, n), dtype=bool) if labels is not None else None  # [X, packs, label]
     pack_of = np.empty((X, n), dtype=np.int64)
     rank_in_pack = np.empty((X, n), dtype=np.int64)
     for j in range(n):
         item = order[:, j]
-        p = np.where(pack_n < cap, pack_w, np.inf).argmin(axis=1)
+        open_w = np.where(pack_n < cap, pack_w, np.inf)
+        if holds is not None:
+            label = labels[rows, item]
+            avoid = np.where(holds[rows, :, label], np.inf, open_w)
+            open_w = np.where(np.isfinite(avoid).any(axis=1, keepdims=True), avoid, open_w)
+        p = open_w.argmin(axis=1)
         pack_of[rows, item] = p
         rank_in_pack[rows, item] = pack_n[rows, p]
         pack_w[rows, p] += weight[rows, item]
         pack_n[rows, p] += 1
+        if holds is not None:
+            holds[rows, p, label] = True
     return pack_of, rank_in_pack
 
 
@@ -112,7 +125,7 @@ def deepseek_phy2log(weight: np.ndarray, num_ranks: int, slots_per_rank: int,
 
     # 3. Pack the node's replicas onto its ranks; scatter them into slot order.
     replica_load = np.take_along_axis(node_weight / count, p2m, axis=1)
-    rank, slot = pack(replica_load, R // N)
+    rank, slot = pack(replica_load, R // N, labels=p2m)
     node_slot2m = np.empty_like(p2m)
     np.put_along_axis(node_slot2m, rank * K + slot, p2m, axis=1)
     slot2mlog = (node_slot2m.reshape(L, N, S // N) + (np.arange(N) * (E // N))[None, :, None]).reshape(L, S)
