@@ -107,31 +107,82 @@ def limit_moves(old: np.ndarray, target: np.ndarray, expert_load: np.ndarray, ma
     return out
 
 
+def _single_change_peaks(cur: np.ndarray, goal: np.ndarray, w: np.ndarray, slots: np.ndarray):
+    """Score every one-slot change ``cur[r, k] -> goal[r, k]`` for ``slots [n, 2]`` at once.
+
+    Returns ``valid [n]`` (the change keeps the table valid), ``peak [n]`` and ``sq [n]``
+    (max and sum of squared rank loads after the change). Only the experts given up (a)
+    and received (b) change their per-replica load, on the ranks that hold them.
+    """
+    R = cur.shape[0]
+    cnt = np.bincount(cur.ravel(), minlength=w.shape[0]).astype(np.float64)
+    holds = np.zeros((R, w.shape[0]), dtype=bool)  # [R, E]
+    holds[np.arange(R)[:, None], cur] = True
+    loads = (w[cur] / cnt[cur]).sum(axis=1)  # [R]
+    r, k = slots[:, 0], slots[:, 1]
+    a, b = cur[r, k], goal[r, k]
+    valid = (cnt[a] >= 2) & ~holds[r, b]
+    a_after = w[a] / np.maximum(cnt[a] - 1, 1)  # per-replica load of a once it has one replica less
+    b_after = w[b] / (cnt[b] + 1)
+    new = (loads[None, :] + holds[:, a].T * (a_after - w[a] / cnt[a])[:, None]
+           + holds[:, b].T * (b_after - w[b] / cnt[b])[:, None])  # [n, R]
+    n = np.arange(len(slots))
+    new[n, r] += b_after - a_after  # rank r gives up its replica of a and takes one of b
+    return valid, new.max(axis=1), np.einsum("nr,nr->n", new, new)
+
+
+def _pair_change_peaks(cur: np.ndarray, goal: np.ndarray, w: np.ndarray, pairs: np.ndarray):
+    """Score two-slot changes ``pairs [P, 2, 2]`` (two (rank, slot) each) at once.
+
+    Returns ``valid [P]``, ``peak [P]``, ``sq [P]`` as ``_single_change_peaks`` does.
+    """
+    P, E = len(pairs), w.shape[0]
+    trial = np.broadcast_to(cur, (P, *cur.shape)).copy()  # [P, R, K]
+    n = np.arange(P)
+    for j in range(2):
+        r, k = pairs[:, j, 0], pairs[:, j, 1]
+        trial[n, r, k] = goal[r, k]
+    flat = trial.reshape(P, -1)
+    cnt = np.bincount((flat + (n * E)[:, None]).ravel(), minlength=P * E).reshape(P, E)
+    srt = np.sort(trial, axis=-1)
+    valid = (cnt.min(axis=1) > 0) & ~np.any(srt[..., 1:] == srt[..., :-1], axis=(1, 2))
+    loads = (w[trial] / np.maximum(np.take_along_axis(cnt, flat, axis=1), 1).reshape(trial.shape)).sum(axis=-1)
+    return valid, loads.max(axis=1), np.einsum("pr,pr->p", loads, loads)
+
+
 def _walk_towards(cur: np.ndarray, goal: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
     cur = cur.copy()
-    E = w.shape[0]
-    score = _rank_peak(cur, w)
+    peak, sq = _rank_peak(cur, w)
     while budget > 0:
-        diff = [tuple(x) for x in np.argwhere(cur != goal)]
-        best = None
-        for s in diff:
-            # Partners: a slot that receives the expert `s` gives up, or the slot on the
-            # same rank that holds the expert `s` receives.
-            partners = [p for p in diff if p != s and (goal[p] == cur[s] or (p[0] == s[0] and cur[p] == goal[s]))]
-            for op in [(s,)] + [(s, p) for p in partners]:
-                if len(op) > budget:
-                    continue
-                trial = cur.copy()
-                for p in op:
-                    trial[p] = goal[p]
-                if not _valid_layer(trial, E):
-                    continue
-                new = _rank_peak(trial, w)
-                gain = ((score[0] - new[0]) / len(op), (score[1] - new[1]) / len(op))
-                if gain > (0.0, 0.0) and (best is None or gain > best[0]):
-                    best = (gain, op, trial, new)
-        if best is None:
+        slots = np.argwhere(cur != goal)  # [n, 2]
+        if not len(slots):
             break
-        _, op, cur, score = best
+        valid, peaks, sqs = _single_change_peaks(cur, goal, w, slots)
+        ops = [slots[valid][:, None, :]]  # [n1, 1, 2]
+        gains = [np.stack([peak - peaks[valid], sq - sqs[valid]], axis=1)]
+        if budget >= 2 and not valid.all():
+            # A change that alone would lose an expert or duplicate one pairs with the slot
+            # that receives the expert it gives up, or the same-rank slot holding the expert
+            # it receives.
+            cur_at, goal_at = cur[slots[:, 0], slots[:, 1]], goal[slots[:, 0], slots[:, 1]]
+            same_rank = slots[:, None, 0] == slots[None, :, 0]
+            partner = (goal_at[None, :] == cur_at[:, None]) | (same_rank & (cur_at[None, :] == goal_at[:, None]))
+            partner &= ~valid[:, None] & ~np.eye(len(slots), dtype=bool)
+            i, j = np.nonzero(partner)
+            if len(i):
+                pairs = np.stack([slots[i], slots[j]], axis=1)  # [P, 2, 2]
+                ok, p_peaks, p_sqs = _pair_change_peaks(cur, goal, w, pairs)
+                ops.append(pairs[ok])
+                gains.append(np.stack([peak - p_peaks[ok], sq - p_sqs[ok]], axis=1) / 2)  # per slot moved
+        gain = np.concatenate(gains)
+        better = (gain[:, 0] > 0) | ((gain[:, 0] == 0) & (gain[:, 1] > 0))
+        if not better.any():
+            break
+        idx = np.flatnonzero(better)
+        best = idx[np.lexsort((gain[idx, 1], gain[idx, 0]))[-1]]
+        op = [o for group in ops for o in group][best]
+        for r, k in op:
+            cur[r, k] = goal[r, k]
         budget -= len(op)
+        peak, sq = _rank_peak(cur, w)
     return cur
