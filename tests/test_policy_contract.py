@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vllm_eplb_plugin as eplb
-from vllm_eplb_plugin import PolicyConfig, PolicyLoadError, PolicyNotFound, PolicyResult, create_policy
+from vllm_eplb_plugin import PolicyConfig, PolicyLoadError, PolicyNotFound, create_policy
 from vllm_eplb_plugin.placement import default_table
 from vllm_eplb_plugin.policy import as_workload
 

@@ -83,13 +83,6 @@ def _rank_peak(t: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return float(loads.max()), float(np.dot(loads, loads))
 
 
-def _valid_layer(t: np.ndarray, num_experts: int) -> bool:
-    if np.bincount(t.ravel(), minlength=num_experts).min() == 0:
-        return False
-    srt = np.sort(t, axis=-1)
-    return not np.any(srt[:, 1:] == srt[:, :-1])
-
-
 def limit_moves(old: np.ndarray, target: np.ndarray, expert_load: np.ndarray, max_move: int) -> np.ndarray:
     """Move at most ``max_move`` slots per layer from ``old`` towards ``target``.
 
