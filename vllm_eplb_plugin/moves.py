@@ -86,11 +86,12 @@ def _rank_peak(t: np.ndarray, w: np.ndarray) -> tuple[float, float]:
 def limit_moves(old: np.ndarray, target: np.ndarray, expert_load: np.ndarray, max_move: int) -> np.ndarray:
     """Move at most ``max_move`` slots per layer from ``old`` towards ``target``.
 
-    Layers within the bound take ``target`` as is. Elsewhere a greedy walk applies the
-    slot changes of ``target`` (one slot, or two slots where one alone would lose an
-    expert or duplicate one) that most reduce the layer's max rank load per slot moved,
-    then its sum of squared rank loads; it stops at the bound or when no change helps.
-    So the result is always valid and never worse than ``old``.
+    Layers within the bound take ``target`` as is. Elsewhere a greedy walk applies, one at
+    a time, the slot change of ``target`` that most reduces the layer's max rank load per
+    slot moved (then its sum of squared rank loads). A change that alone would lose an
+    expert or put one twice on a rank is tried as a pair with its partner slot (costing
+    2). It stops at the bound or when no change helps, so the result is always valid and
+    never worse than ``old``.
 
     ``old, target [L, R, K]``, ``expert_load [L, E]`` -> ``[L, R, K]``.
     """
