@@ -62,6 +62,7 @@ def test_load_conversion_round_trip():
     assert slot_to_expert_load(T, per_slot, 4).tolist() == w.tolist()
     series = np.stack([per_slot, 2 * per_slot])  # [T=2, L, R, K]
     assert slot_to_expert_load(T, series, 4).tolist() == [w.tolist(), (2 * w).tolist()]
+    assert np.array_equal(expert_to_slot_load(T, np.stack([w, 2 * w])), series)  # [T, L, E] -> [T, L, R, K]
 
 
 def test_default_table_is_vllm_initial_placement():

@@ -87,10 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         current = default_table(L, args.ranks, K, E)
     # Heat is per expert; policies read per-slot load, so spread it over current replicas.
-    if heat.ndim == 2:
-        workload = expert_to_slot_load(current, heat)
-    else:
-        workload = np.stack([expert_to_slot_load(current, h) for h in heat])
+    workload = expert_to_slot_load(current, heat)
     config = PolicyConfig(num_nodes=args.nodes, num_groups=args.groups, max_move=args.max_move)
     policy = create_policy(_policy_arg(args.policy), config)
     start = time.perf_counter()

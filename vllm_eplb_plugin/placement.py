@@ -187,10 +187,15 @@ def slot_to_expert_load(table: np.ndarray, slot_load: np.ndarray, num_experts: i
 
 
 def expert_to_slot_load(table: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
-    """Spread ``expert_load [L, E]`` evenly over each expert's replicas -> ``[L, R, K]``."""
-    L, E = expert_load.shape
+    """Spread per-expert load evenly over each expert's replicas (inverse of
+    ``slot_to_expert_load``).
+
+    ``expert_load [..., L, E]`` (any leading dims, e.g. time ``T``) -> ``[..., L, R, K]``.
+    """
+    L, E = expert_load.shape[-2:]
     per_replica = expert_load / np.maximum(logcnt(table, E), 1)
-    return np.take_along_axis(per_replica, table.reshape(L, -1), axis=1).reshape(table.shape)
+    slots = per_replica[..., np.arange(L)[:, None], table.reshape(L, -1)]  # [..., L, S]
+    return slots.reshape(*expert_load.shape[:-2], *table.shape)
 
 
 def rank_load(table: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
