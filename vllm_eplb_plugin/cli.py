@@ -55,14 +55,9 @@ def load_heat(path: str) -> np.ndarray:
     return heat
 
 
-def _layer_table(before: np.ndarray, after: np.ndarray | None, moved: np.ndarray | None) -> str:
-    head = f"{'layer':>5} {'imbalance':>10}" + (f" {'-> planned':>10} {'slots moved':>11}" if after is not None else "")
-    rows = [head]
-    for l in range(before.shape[0]):
-        row = f"{l:>5} {before[l]:>10.3f}"
-        if after is not None:
-            row += f" {after[l]:>10.3f} {moved[l]:>11d}"
-        rows.append(row)
+def _layer_table(before: np.ndarray, after: np.ndarray, moved: np.ndarray) -> str:
+    rows = [f"{'layer':>5} {'imbalance':>10} {'-> planned':>10} {'slots moved':>11}"]
+    rows += [f"{l:>5} {before[l]:>10.3f} {after[l]:>10.3f} {moved[l]:>11d}" for l in range(before.shape[0])]
     return "\n".join(rows)
 
 
