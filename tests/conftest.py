@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 
 import pytest
@@ -26,3 +27,14 @@ def vllm_ascend_sdist() -> str | None:
         return path if os.path.isfile(path) else None
     found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", ".cache", "peers", "vllm_ascend-*.tar.gz")))
     return found[-1] if found else None
+
+
+def import_peer(module: str):
+    """Import a peer for a whole test module: skip the module on a dev machine without
+    it, fail in CI (CI=true), like ``require``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} is missing in CI; .ci/run must install it", pytrace=False)
+        pytest.skip(f"{module} is not installed", allow_module_level=True)

@@ -34,5 +34,11 @@ __all__ = [
 def register() -> None:
     """vLLM general-plugin entry point (``vllm.general_plugins``).
 
-    Inert for now: the vLLM integration (heat collector, planning loop) hooks in here.
+    vLLM calls it in every process it starts. It installs the hooks that process needs
+    (config check where engine args live, collector and planning loop in workers); each
+    hook does nothing unless ``--additional-config`` has an ``eplb`` (or vLLM Ascend
+    ``eplb_config``) section. Safe to call twice.
     """
+    from .engine.vllm_hooks import install
+
+    install()

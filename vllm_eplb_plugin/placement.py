@@ -303,16 +303,23 @@ def _umask() -> int:
     return mask
 
 
-def save_expert_map(path: str | os.PathLike, table: Any) -> None:
+def save_expert_map(path: str | os.PathLike, table: Any, *, extra: dict | None = None) -> None:
     """Validate ``table [L, R, K]`` and write it atomically (temp file + rename), so a
-    reader never sees a half-written map."""
+    reader never sees a half-written map.
+
+    ``extra`` (JSON-serialisable) is stored under the top-level key ``"eplb"``: readers
+    of the vLLM Ascend format, ours included, ignore keys they do not know.
+    """
     t = validate_table(table)
+    doc = table_to_json(t)
+    if extra is not None:
+        doc["eplb"] = extra
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".expert_map.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(table_to_json(t), f, indent=1)
+            json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode

@@ -1,0 +1,72 @@
+"""Our policies behind vLLM's AbstractEplbPolicy, checked with vLLM's own map code."""
+
+import numpy as np
+import pytest
+
+from conftest import import_peer
+
+torch = import_peer("torch")
+import_peer("vllm")
+
+from vllm.distributed.eplb import eplb_state  # noqa: E402
+from vllm.distributed.eplb.policy import EPLB_POLICIES, AbstractEplbPolicy  # noqa: E402
+
+from vllm_eplb_plugin.config import EplbConfig  # noqa: E402
+from vllm_eplb_plugin.engine.vllm_policy import install_vllm_policy, vllm_policy_class  # noqa: E402
+from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, validate_table  # noqa: E402
+from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy  # noqa: E402
+from vllm_eplb_plugin.policy import PolicyConfig  # noqa: E402
+
+
+@pytest.fixture
+def restore_policies():
+    saved = dict(EPLB_POLICIES)
+    yield
+    EPLB_POLICIES.clear()
+    EPLB_POLICIES.update(saved)
+
+
+def test_install_puts_our_policy_where_eplb_state_looks(restore_policies):
+    cls = install_vllm_policy(EplbConfig(policy="deepseek", max_move=3))
+    # EplbState resolves EPLB_POLICIES[eplb_config.policy] through its own module global.
+    assert eplb_state.EPLB_POLICIES["default"] is cls
+    assert issubclass(cls, AbstractEplbPolicy) and cls.plugin_policy.config.max_move == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("groups, nodes", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("with_old", [True, False])
+def test_adapter_output_through_vllm_compute_logical_maps(seed, groups, nodes, with_old):
+    rng = np.random.default_rng(seed)
+    layers, experts, ranks, slots = 3, 16, 4, 5  # 20 physical slots: 4 redundant
+    weight = torch.from_numpy(rng.zipf(1.4, size=(layers, experts)).astype(np.float32))
+    old = default_table(layers, ranks, slots, experts)
+    if with_old:
+        old = DeepSeekPolicy().rebalance_experts(old, expert_to_slot_load(old, rng.random((layers, experts)))).new_table
+    cls = vllm_policy_class(DeepSeekPolicy())
+    phy2log = cls.rebalance_experts(
+        weight, ranks * slots, groups, nodes, ranks, torch.from_numpy(old.reshape(layers, -1)) if with_old else None
+    )
+    assert phy2log.shape == (layers, ranks * slots) and phy2log.dtype == torch.int64
+    table = validate_table(phy2log.numpy().reshape(layers, ranks, slots), experts)
+
+    # What vLLM derives from it: every logical expert's replicas, exactly the slots holding it.
+    log2phy, count = eplb_state.compute_logical_maps(phy2log, experts)
+    for l in range(layers):
+        for e in range(experts):
+            slots_of_e = sorted(np.flatnonzero(phy2log[l].numpy() == e).tolist())
+            assert count[l, e].item() == len(slots_of_e) >= 1
+            assert sorted(x for x in log2phy[l, e].tolist() if x >= 0) == slots_of_e
+
+    # And it is our policy's plan for the same inputs (vLLM's groups/nodes win).
+    start = old if with_old else default_table(layers, ranks, slots, experts)
+    ours = DeepSeekPolicy(PolicyConfig(num_nodes=nodes, num_groups=groups)).rebalance_experts(
+        start, expert_to_slot_load(start, weight.double().numpy())
+    )
+    np.testing.assert_array_equal(table, ours.new_table)
+
+
+def test_adapter_rejects_replicas_that_do_not_divide():
+    cls = vllm_policy_class(DeepSeekPolicy())
+    with pytest.raises(ValueError, match="num_replicas=10 is not a multiple of num_ranks=4"):
+        cls.rebalance_experts(torch.ones(1, 8), 10, 1, 1, 4)

@@ -1,0 +1,402 @@
+"""The plugin inside a vLLM worker: heat collector, planning loop, record mode.
+
+One :class:`WorkerEplb` per model runner. Shapes: ``L`` MoE layers, ``E`` logical
+experts, ``R`` EP ranks, ``K`` slots per rank; table ``[L, R, K]``; heat ``[L, E]`` (or
+``[T, L, E]`` for the ``steps`` window).
+
+The loop, identical on every rank so its collectives line up (all ranks run the same
+forward steps under TP/PP; data parallelism is refused at start-up):
+
+1. every step: the routers' capture hooks count ``topk_ids`` on the device;
+2. every ``expert_heat_collection_interval`` steps: heat is all-gathered over vLLM's
+   world group (CPU/gloo side) and rank 0 hands ``(table, heat)`` to the planner child;
+3. each following step: rank 0 broadcasts whether the plan is ready; after
+   ``algorithm_execution_interval`` steps without one it gives up (and restarts the child);
+4. a ready plan is broadcast, the current table is verified across ranks, every rank
+   adopts the new table, rank 0 writes ``expert_map_record_path`` and logs the plan.
+
+Without engine EPLB (CPU, or ``--enable-eplb`` off) weights do not move: the plan is
+recorded for the next start (``expert_map_path``). With ``--enable-eplb``, vLLM's
+``EplbState`` plans and moves weights by calling our policy through
+:mod:`.vllm_policy`; this loop then only collects heat.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import EplbConfig, EplbConfigError
+from ..consistency import verify_consistency
+from ..heat import HeatCounter
+from ..metrics import balancedness
+from ..placement import changed_slots, default_table, load_expert_map, num_experts_of, save_expert_map
+from ..planner import Planner, PlanOutcome
+from ..registry import resolve_policy_name
+
+# A child of vLLM's logger, so our lines go where vLLM's go, with its format and level.
+logger = logging.getLogger("vllm.eplb_plugin")
+
+STATE_ATTR = "_vllm_eplb_state"
+_WAIT, _APPLY, _FAILED, _SKIP = 0, 1, 2, 3  # plan status rank 0 broadcasts each step
+_OURS = "_vllm_eplb_counts"  # marks our capture function on a router
+
+# Keys of Hugging Face configs that give the number of routed experts.
+_EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+
+
+# -- first process: config check ------------------------------------------------------------
+
+
+def eplb_config_of(vllm_config: Any) -> EplbConfig | None:
+    return EplbConfig.from_additional_config(getattr(vllm_config, "additional_config", None) or {})
+
+
+def _model_experts(vllm_config: Any) -> int | None:
+    hf = getattr(vllm_config.model_config, "hf_text_config", None) or vllm_config.model_config.hf_config
+    for key in _EXPERT_KEYS:
+        value = getattr(hf, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _ep_ranks(parallel_config: Any) -> int:
+    """Ranks of vLLM's EP group: the ranks the experts are (or would be) spread over."""
+    return parallel_config.tensor_parallel_size * parallel_config.data_parallel_size
+
+
+def check_engine_config(vllm_config: Any) -> EplbConfig | None:
+    """Validate the eplb section against the engine; raises :class:`EplbConfigError`.
+
+    Runs in the first process (``EngineArgs.create_engine_config``), so ``vllm serve``
+    stops before any worker starts.
+    """
+    config = eplb_config_of(vllm_config)
+    if config is None:
+        return None
+    pc = vllm_config.parallel_config
+    if pc.data_parallel_size > 1:
+        raise EplbConfigError(
+            f"eplb: data_parallel_size={pc.data_parallel_size} is not supported by the plugin's "
+            "planning loop yet; run with data_parallel_size=1 or remove the eplb section."
+        )
+    experts = _model_experts(vllm_config)
+    if experts is None:
+        raise EplbConfigError(
+            f"eplb: model {vllm_config.model_config.model!r} does not look like a MoE model "
+            f"(its config has none of {list(_EXPERT_KEYS)}); remove the eplb section."
+        )
+    ranks = _ep_ranks(pc)
+    if config.expert_map_path is not None:
+        table = load_expert_map(config.expert_map_path)
+        if num_experts_of(table) != experts:
+            raise EplbConfigError(
+                f"eplb.expert_map_path={config.expert_map_path!r}: the map places "
+                f"{num_experts_of(table)} experts but the model has {experts}; use a map made for this model."
+            )
+    elif (experts + config.num_redundant_experts) % ranks:
+        raise EplbConfigError(
+            f"eplb.num_redundant_experts={config.num_redundant_experts}: {experts} experts + "
+            f"{config.num_redundant_experts} redundant slots do not divide over {ranks} EP ranks; "
+            f"choose a value that makes the sum a multiple of {ranks}."
+        )
+    if pc.enable_eplb:
+        theirs = pc.eplb_config.num_redundant_experts
+        if config.num_redundant_experts and theirs != config.num_redundant_experts:
+            raise EplbConfigError(
+                f"eplb.num_redundant_experts={config.num_redundant_experts} differs from vLLM's "
+                f"--eplb-config num_redundant_experts={theirs}; with --enable-eplb set it once, in --eplb-config."
+            )
+    logger.info(
+        "EPLB plugin on: policy %s, %d experts over %d ranks + %d redundant, heat window %s every %d steps",
+        resolve_policy_name(config.policy), experts, ranks, config.num_redundant_experts,
+        config.heat_window, config.expert_heat_collection_interval,
+    )
+    return config
+
+
+# -- worker: hooks --------------------------------------------------------------------------
+
+
+def before_load(runner: Any) -> None:
+    """With vLLM's EPLB on, put our policy where ``EplbState`` looks, before it is built."""
+    config = eplb_config_of(runner.vllm_config)
+    if config is not None and runner.parallel_config.enable_eplb:
+        from .vllm_policy import install_vllm_policy
+
+        cls = install_vllm_policy(config, runner.parallel_config.eplb_config.policy)
+        logger.info("EPLB plugin: vLLM's EplbState will call %s", cls.__name__)
+
+
+def after_load(runner: Any) -> None:
+    if getattr(runner, STATE_ATTR, None) is not None:
+        return
+    config = eplb_config_of(runner.vllm_config)
+    if config is not None:
+        setattr(runner, STATE_ATTR, WorkerEplb(runner, config))
+
+
+def chain_capture(router: Any, new_fn: Callable | None) -> Callable | None:
+    """Keep our counter on ``router`` when someone else sets its capture function."""
+    ours = getattr(router, _OURS, None)
+    if ours is None or new_fn is ours or getattr(new_fn, "_eplb_chain", False):
+        return new_fn
+    if new_fn is None:
+        return ours
+    return _chained(new_fn, ours)
+
+
+def _chained(first: Callable, second: Callable) -> Callable:
+    def capture(topk_ids: torch.Tensor) -> None:
+        first(topk_ids)
+        second(topk_ids)
+
+    capture._eplb_chain = True  # type: ignore[attr-defined]
+    return capture
+
+
+def _moe_layers(model: torch.nn.Module) -> list[Any]:
+    """The model's fused-MoE runners in layer order."""
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    layers = [m for m in model.modules() if isinstance(m, MoERunner)]
+    unsupported = [type(m.router).__name__ for m in layers if not isinstance(m.router, BaseRouter)]
+    if unsupported:
+        raise RuntimeError(f"eplb: routers {sorted(set(unsupported))} have no capture hook; remove the eplb section")
+    return sorted(layers, key=lambda m: m.layer_id)
+
+
+# -- worker: state --------------------------------------------------------------------------
+
+
+class WorkerEplb:
+    """Heat counter, table and planning loop of one worker (see the module docstring)."""
+
+    def __init__(self, runner: Any, config: EplbConfig) -> None:
+        from vllm.distributed.parallel_state import get_world_group
+
+        self.config = config
+        self.runner = runner
+        layers = _moe_layers(runner.get_model())
+        if not layers:
+            raise RuntimeError("eplb: the model has no fused MoE layers; remove the eplb section")
+        routers = [m.router for m in layers]
+        self.num_layers, self.num_experts = len(routers), routers[0].global_num_experts
+        self.counter = HeatCounter(
+            self.num_layers,
+            self.num_experts,
+            runner.max_num_tokens,
+            window=config.heat_window,
+            ema_decay=config.heat_ema_decay,
+            window_steps=config.heat_window_steps,
+            device=runner.device,
+        )
+        for i, router in enumerate(routers):
+            ours = functools.partial(self.counter.count, i)
+            setattr(router, _OURS, ours)
+            router.set_capture_fn(router.capture_fn)  # chains ours onto whatever is there
+
+        world = get_world_group()
+        self.group, self.rank = world.cpu_group, world.rank_in_group
+        self.table = self._initial_table(_ep_ranks(runner.parallel_config))
+        verify_consistency(self.table, self.group, what="expert table at start-up")
+
+        self.engine_eplb = bool(runner.parallel_config.enable_eplb)
+        planning = config.dynamic_eplb and not self.engine_eplb
+        self.planner = Planner(config) if planning and self.rank == 0 else None
+        if self.planner is not None:
+            self.planner.warm()
+        self.planning = planning
+        self.pending_steps: int | None = None  # steps waited for the plan in flight
+        self.pending_heat: np.ndarray | None = None
+        self.plans = self.steps = 0
+        self.metrics = None
+        if self.rank == 0:
+            from .prometheus import EplbMetrics
+
+            self.metrics = EplbMetrics()
+            self._stop_exporter = self.metrics.start_exporter(self.counter)
+            logger.info(
+                "EPLB: collecting heat on %d MoE layers x %d experts (top-%d); table %s from %s; %s",
+                self.num_layers, self.num_experts, routers[0].top_k, list(self.table.shape),
+                config.expert_map_path or "vLLM's default placement",
+                "planning every %d steps" % config.expert_heat_collection_interval if planning
+                else "vLLM's EplbState plans" if self.engine_eplb else "dynamic_eplb off: no planning",
+            )
+
+    def _initial_table(self, ranks: int) -> np.ndarray:
+        if self.config.expert_map_path is not None:
+            table = load_expert_map(self.config.expert_map_path)
+            if table.shape[0] != self.num_layers or num_experts_of(table) != self.num_experts:
+                raise EplbConfigError(
+                    f"eplb.expert_map_path={self.config.expert_map_path!r}: the map has {table.shape[0]} "
+                    f"layers x {num_experts_of(table)} experts; the model has {self.num_layers} MoE layers x "
+                    f"{self.num_experts} experts. Use a map recorded for this model."
+                )
+            return table
+        slots = (self.num_experts + self.config.num_redundant_experts) // ranks
+        return default_table(self.num_layers, ranks, slots, self.num_experts)
+
+    # -- forward path ------------------------------------------------------------------------
+
+    def begin_step(self, runner: Any, positions: torch.Tensor) -> None:
+        """Arm the counter with this step's row weights: real, non-padding rows of the
+        configured stage. ``positions`` ``[N]`` (or ``[3, N]`` with M-RoPE) sizes the step."""
+        from vllm.forward_context import get_forward_context
+
+        padding = get_forward_context().is_padding  # [N] bool on device; None: no padding
+        if padding is None:
+            weight = torch.ones(positions.shape[-1], dtype=torch.bool, device=positions.device)
+        else:
+            weight = ~padding
+        if self.config.heat_collection_stage != "all":
+            weight = weight & self._stage_rows(runner, weight.shape[0]).to(weight.device, non_blocking=True)
+        self.counter.begin_step(weight)
+
+    def _stage_rows(self, runner: Any, num_rows: int) -> torch.Tensor:
+        """``[N]`` bool: rows of prefill (or decode) requests, from the runner's host state."""
+        batch = runner.input_batch
+        n = batch.num_reqs
+        starts = runner.query_start_loc.cpu[: n + 1].numpy()
+        prefill = batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]
+        keep = prefill if self.config.heat_collection_stage == "prefill" else ~prefill
+        rows = np.zeros(num_rows, dtype=bool)
+        rows[: starts[-1]] = np.repeat(keep, np.diff(starts))
+        return torch.from_numpy(rows)
+
+    def end_step(self) -> None:
+        self.counter.end_step()
+        self.steps += 1
+        if self.planning:
+            self._tick()
+
+    # -- planning loop -----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.pending_steps is not None:
+            self.pending_steps += 1
+            self._wait_for_plan()
+        elif self.counter.steps_in_interval >= self.config.expert_heat_collection_interval:
+            self._start_plan()
+
+    def _start_plan(self) -> None:
+        heat = self.counter.close_interval()
+        heat = self._gather_heat(heat)
+        if heat is None or heat.sum() == 0:
+            return
+        self.pending_steps, self.pending_heat = 0, heat
+        if self.planner is not None:
+            self.planner.submit(self.table, heat)
+
+    def _gather_heat(self, heat: np.ndarray) -> np.ndarray | None:
+        """All ranks of a data-parallel-free engine route the same tokens: check they saw
+        the same heat and plan on it. A difference is a bug somewhere; skip this plan."""
+        local = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float64)).reshape(-1)
+        out = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(out, local, group=self.group)
+        differ = [r for r, t in enumerate(out) if not torch.equal(t, out[0])]
+        if differ:
+            if self.rank == 0:
+                logger.error("EPLB: ranks %s counted different heat than rank 0; skipping this plan", differ)
+            return None
+        return heat
+
+    def _wait_for_plan(self) -> None:
+        # Rank 0 decides, then every rank learns the decision from one broadcast.
+        status = torch.tensor([_WAIT], dtype=torch.int64)
+        outcome = self._poll_plan() if self.planner is not None else None
+        if outcome is not None:
+            status[0] = _APPLY if outcome.ok else _SKIP if outcome.new_table is not None else _FAILED
+        src = dist.get_global_rank(self.group, 0)
+        dist.broadcast(status, src=src, group=self.group)
+        if status.item() == _WAIT:
+            return
+        heat, self.pending_steps, self.pending_heat = self.pending_heat, None, None
+        if status.item() != _APPLY:
+            if outcome is not None and status.item() == _SKIP:
+                logger.info("EPLB plan not applied: %s", outcome.error)
+            elif outcome is not None:
+                logger.warning("EPLB plan failed, keeping the current table: %s", outcome.error)
+                if self.metrics is not None:
+                    self.metrics.failed()
+            return
+        new = torch.from_numpy(outcome.new_table) if outcome is not None else torch.empty(self.table.shape, dtype=torch.int64)
+        dist.broadcast(new, src=src, group=self.group)
+        self._apply(new.numpy(), heat, outcome)
+
+    def _poll_plan(self) -> PlanOutcome | None:
+        """Rank 0: the plan if ready (kept to the layers it improves), a failure, or None."""
+        assert self.planner is not None and self.pending_steps is not None
+        outcome = self.planner.poll()
+        if outcome is None and self.pending_steps >= self.config.algorithm_execution_interval:
+            self.planner.close()  # a policy this slow may be stuck: kill it,
+            self.planner.warm()  # and have a fresh child ready for the next interval
+            interval = self.config.algorithm_execution_interval
+            return PlanOutcome(0, None, (), 0.0, f"no plan within algorithm_execution_interval={interval} steps")
+        if outcome is not None and outcome.ok:
+            outcome = self._keep_improvements(outcome)
+        return outcome
+
+    def _keep_improvements(self, outcome: PlanOutcome) -> PlanOutcome:
+        """Take the plan only for layers it is predicted to balance better on the window it
+        was fitted on; a plan that improves no layer fails (the table stays)."""
+        assert self.pending_heat is not None and outcome.new_table is not None
+        heat = self.pending_heat
+        load = heat.sum(axis=0) if heat.ndim == 3 else heat  # [L, E]
+        better = balancedness(outcome.new_table, load) > balancedness(self.table, load) + 1e-9  # [L]
+        new = np.where(better[:, None, None], outcome.new_table, self.table)
+        layers = tuple(int(l) for l in np.flatnonzero(better & (changed_slots(self.table, new) > 0)))
+        if not layers:  # a "failure" that still carries the table marks a skip
+            return PlanOutcome(outcome.seq, new, (), outcome.seconds, "the plan improves no layer on its window")
+        return PlanOutcome(outcome.seq, new, layers, outcome.seconds)
+
+    def _apply(self, new: np.ndarray, heat: np.ndarray, outcome: PlanOutcome | None) -> None:
+        verify_consistency(self.table, self.group, what="expert table before update")
+        old, self.table = self.table, new
+        self.plans += 1
+        if self.rank != 0:
+            return
+        assert outcome is not None
+        load = heat.sum(axis=0) if heat.ndim == 3 else heat  # [L, E]
+        before, after = balancedness(old, load), balancedness(new, load)
+        moved = int(changed_slots(old, new).sum())
+        record = self.config.expert_map_record_path
+        if record is not None:
+            self._record(record, new, {
+                "plan": self.plans,
+                "step": self.steps,
+                "policy": resolve_policy_name(self.config.policy),
+                "heat_window": self.config.heat_window,
+                "heat": load.tolist(),
+                "balancedness_before": before.round(6).tolist(),
+                "balancedness_after": after.round(6).tolist(),
+                "layers_changed": list(outcome.changed_layers),
+                "slots_moved": moved,
+                "policy_seconds": round(outcome.seconds, 6),
+            })
+        logger.info(
+            "EPLB plan %d (step %d): %d/%d layers changed, balancedness %.3f -> %.3f (predicted), "
+            "%d/%d slots moved, policy %.1f ms%s",
+            self.plans, self.steps, len(outcome.changed_layers), self.num_layers, before.mean(), after.mean(),
+            moved, new.size, outcome.seconds * 1e3, f"; recorded to {record}" if record else "",
+        )
+        if self.metrics is not None:
+            self.metrics.plan(float(before.mean()), float(after.mean()), len(outcome.changed_layers), moved, outcome.seconds)
+
+    def _record(self, path: str, table: np.ndarray, extra: dict) -> None:
+        try:
+            save_expert_map(path, table, extra=extra)
+        except OSError as exc:  # a full disk must not stop serving; the next plan retries
+            logger.error("EPLB: could not write expert_map_record_path=%r: %s", path, exc)
+
+    def close(self) -> None:
+        if self.planner is not None:
+            self.planner.close()
