@@ -23,7 +23,8 @@ def test_public_api_from_package_root():
 def test_core_does_not_import_vllm_or_torch_npu():
     import subprocess
 
-    code = ("import sys, vllm_eplb_plugin, vllm_eplb_plugin.cli, vllm_eplb_plugin.policies.deepseek;"
+    code = ("import sys, vllm_eplb_plugin, vllm_eplb_plugin.cli, vllm_eplb_plugin.policies.deepseek,"
+            " vllm_eplb_plugin.planner;"
             "bad = [m for m in ('vllm', 'torch_npu', 'vllm_ascend', 'torch') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

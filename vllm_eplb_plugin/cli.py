@@ -172,6 +172,12 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import run_demo
+
+    return run_demo(args.workdir, port=args.port, requests=args.requests, tp=args.tp)
+
+
 def _policy_arg(value: str | None) -> str | int | None:
     return int(value) if value is not None and value.isdigit() else value
 
@@ -201,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("policies", help="list installed policies and their options")
     p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("demo", help="real `vllm serve` of a tiny MoE with the plugin on, skewed traffic, what EPLB did")
+    p.add_argument("--workdir", default=".cache/demo", help="model, logs and the recorded map (default .cache/demo)")
+    p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+    p.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (default 2)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("conformance", help="run the conformance suite on a policy")
     p.add_argument("policy", help="registered name or package.module:Class")

@@ -175,3 +175,49 @@ def skewed_prompts(n: int, *, seed: int = 0, vocab: int = 512, hot: int = 6, len
         tokens = np.where(rng.random(length) < 0.9, hot_ids[ranks], rng.integers(0, vocab, length))
         prompts.append([int(t) for t in tokens])
     return prompts
+
+
+def run_demo(workdir: str | os.PathLike, *, port: int = 8765, requests: int = 32, tp: int = 2) -> int:
+    """Serve a tiny MoE with the plugin on, send skewed traffic, show what EPLB did."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..cli import main as cli_main
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_moe(workdir / "tiny-qwen3-moe")
+    print(f"[demo] model: random Qwen3-MoE, 2 layers x 8 experts, top-2, at {model}")
+    record = workdir / "expert_map_record.json"
+    record.unlink(missing_ok=True)
+    prom = workdir / "prometheus"
+    shutil.rmtree(prom, ignore_errors=True)
+    prom.mkdir()
+    config = {"eplb": {
+        "num_redundant_experts": 2, "expert_heat_collection_interval": 32, "algorithm_execution_interval": 16,
+        "expert_map_record_path": str(record),
+    }}
+    server = VllmServer(model, port=port, log=workdir / "vllm_serve.log", additional_config=config, tp=tp,
+                        env={"PROMETHEUS_MULTIPROC_DIR": str(prom)})
+    print(f"[demo] starting: {' '.join(server.cmd[:3])} ... -tp {tp} --additional-config '{json.dumps(config)}'")
+    print(f"[demo] (server log: {server.log_path})")
+    started = time.monotonic()
+    with server:
+        print(f"[demo] vllm serve is up after {time.monotonic() - started:.0f} s; sending {requests} skewed requests")
+        prompts = skewed_prompts(requests)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda p: complete(server, p, 24), prompts))
+        tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in results)
+        time.sleep(2.0)  # the metrics exporter publishes once a second
+        got = metrics(server)
+        log = server.log_text()
+    print(f"[demo] served {len(results)} requests, {tokens} tokens")
+    routed = {k: v for k, v in got.items() if k.startswith("vllm:eplb_routed_tokens_total")}
+    print("[demo] /metrics:", ", ".join(f"{k.split('{')[1].rstrip('}')}: {v:.0f} assignments" for k, v in routed.items()))
+    for line in re.findall(r"EPLB(?: plan|: collecting).*", log):
+        print(f"[demo] server log: {line}")
+    if not record.exists():
+        print("[demo] no plan was recorded; see the server log", file=sys.stderr)
+        return 1
+    print(f"[demo] expert map written by the plugin: {record}")
+    return cli_main(["inspect", str(record)])
