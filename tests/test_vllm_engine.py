@@ -8,7 +8,6 @@ with tokens x top-k computed from the API's own usage numbers.
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

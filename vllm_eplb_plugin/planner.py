@@ -5,7 +5,8 @@ blocking; the child (``python -m vllm_eplb_plugin.planner``) builds the configur
 once and answers each request. A child is a subprocess, not a ``multiprocessing``
 worker, because vLLM's worker processes are daemonic and may not fork workers of their
 own. A policy that raises, hangs past the timeout, dies or returns an invalid table gives
-a failed :class:`PlanOutcome` with the reason; the caller keeps its table.
+a failed :class:`PlanOutcome` with the reason; the caller keeps its table. The child
+exits when its stdin closes, so it never outlives the serving process.
 
 Shapes: table ``[L, R, K]``; heat ``[L, E]`` or ``[T, L, E]`` per logical expert.
 """

@@ -12,8 +12,6 @@ Shapes: ``weight [L, E]``; ``old_global_expert_indices`` and the result ``[L, S]
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -79,6 +77,3 @@ def install_vllm_policy(config: EplbConfig, key: str = "default") -> type:
     vllm_policies.EPLB_POLICIES[key] = cls
     return cls
 
-
-def describe(cls: Any) -> str:
-    return f"{cls.__name__} ({type(cls.plugin_policy).__module__})"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -184,7 +183,6 @@ class WorkerEplb:
         from vllm.distributed.parallel_state import get_world_group
 
         self.config = config
-        self.runner = runner
         layers = _moe_layers(runner.get_model())
         if not layers:
             raise RuntimeError("eplb: the model has no fused MoE layers; remove the eplb section")
@@ -223,7 +221,7 @@ class WorkerEplb:
             from .prometheus import EplbMetrics
 
             self.metrics = EplbMetrics()
-            self._stop_exporter = self.metrics.start_exporter(self.counter)
+            self.metrics.start_exporter(self.counter)  # daemon thread, ends with the worker
             logger.info(
                 "EPLB: collecting heat on %d MoE layers x %d experts (top-%d); table %s from %s (digest %x); %s",
                 self.num_layers, self.num_experts, routers[0].top_k, list(self.table.shape),
@@ -396,7 +394,3 @@ class WorkerEplb:
             save_expert_map(path, table, extra=extra)
         except OSError as exc:  # a full disk must not stop serving; the next plan retries
             logger.error("EPLB: could not write expert_map_record_path=%r: %s", path, exc)
-
-    def close(self) -> None:
-        if self.planner is not None:
-            self.planner.close()
