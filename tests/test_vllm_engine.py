@@ -8,6 +8,7 @@ with tokens x top-k computed from the API's own usage numbers.
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,6 @@ def _routed(server, layers=LAYERS):
 
 def _wait_routed(server, expected, timeout=20.0):
     """The exporter publishes once a second; wait for the last step to show up."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         routed = _routed(server)

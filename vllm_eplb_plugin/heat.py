@@ -66,6 +66,7 @@ class HeatCounter:
             if window == "steps"
             else None
         )
+        self._armed = 0  # rows begin_step armed; end_step clears only those
         self._ring_pos = 0  # host-side: advanced by end_step, which runs outside the model
         self._ring_filled = 0
         self._intervals = 0
@@ -75,7 +76,8 @@ class HeatCounter:
 
     def begin_step(self, row_weight: torch.Tensor) -> None:
         """Arm the counter for one step; ``row_weight`` ``[N]`` (bool or int, on device)."""
-        self.row_weight[: row_weight.shape[0]].copy_(row_weight)
+        self._armed = row_weight.shape[0]
+        self.row_weight[: self._armed].copy_(row_weight)
 
     def count(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Add one layer's routing of the current step; ``topk_ids`` ``[N, K]``."""
@@ -92,7 +94,7 @@ class HeatCounter:
             self._ring_pos = (self._ring_pos + 1) % self.window_steps
             self._ring_filled = min(self._ring_filled + 1, self.window_steps)
         self.step.zero_()
-        self.row_weight.zero_()
+        self.row_weight[: self._armed].zero_()
         self.steps_in_interval += 1
 
     # -- planner side (host) --------------------------------------------------------------

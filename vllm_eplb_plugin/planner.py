@@ -121,10 +121,6 @@ class Planner:
         except (EOFError, OSError, pickle.UnpicklingError):
             results.put(("died", proc.pid, proc.wait()))
 
-    @property
-    def busy(self) -> bool:
-        return self._pending is not None
-
     def submit(self, table: np.ndarray, heat: np.ndarray) -> int:
         """Send ``table [L, R, K]`` and ``heat [L, E] | [T, L, E]``; returns the request id."""
         if self._pending is not None:
@@ -134,7 +130,7 @@ class Planner:
         workload = expert_to_slot_load(table, np.asarray(heat, dtype=np.float64))
         self._pending = (self._seq, table, heat.shape[-1], time.monotonic())
         try:
-            _write_frame(self._proc.stdin, ("plan", self._seq, table, workload))
+            _write_frame(self._proc.stdin, (self._seq, table, workload))
         except OSError as exc:  # the child died between requests: poll() reports it
             self._results.put(("died", self._proc.pid, f"{self._proc.poll()} ({exc})"))
         return self._seq
@@ -162,11 +158,11 @@ class Planner:
         if msg[0] == "died":
             self._proc = None
             return self._fail(seq, f"planner process {msg[1]} exited with code {msg[2]}")
-        kind, got_seq, payload, seconds = msg
+        kind, _seq, payload, seconds = msg
         if kind == "error":
             return self._fail(seq, f"policy raised: {payload}", seconds)
         try:
-            changed_flag, _priority, new_table = payload
+            _changed, _priority, new_table = payload
             new = check_plan(old, new_table, num_experts)
         except (InvalidExpertTable, TypeError, ValueError) as exc:
             return self._fail(seq, f"policy returned an invalid result: {exc}", seconds)
@@ -200,7 +196,7 @@ def _child_main() -> None:
     policy = create_policy(config.policy, config.policy_config())
     while True:
         try:
-            _kind, seq, table, workload = _read_frame(inp)
+            seq, table, workload = _read_frame(inp)
         except EOFError:
             return
         start = time.perf_counter()

@@ -207,14 +207,14 @@ class WorkerEplb:
         self.table = self._initial_table(_ep_ranks(runner.parallel_config))
         verify_consistency(self.table, self.group, what="expert table at start-up")
 
-        self.engine_eplb = bool(runner.parallel_config.enable_eplb)
-        planning = config.dynamic_eplb and not self.engine_eplb
+        engine_eplb = bool(runner.parallel_config.enable_eplb)
+        planning = config.dynamic_eplb and not engine_eplb
         self.planner = Planner(config) if planning and self.rank == 0 else None
         if self.planner is not None:
             self.planner.warm()
         self.planning = planning
         self.pending_steps: int | None = None  # steps waited for the plan in flight
-        self.pending_heat: np.ndarray | None = None
+        self.pending_load: np.ndarray | None = None  # [L, E] heat of the plan in flight
         self.plans = self.steps = 0
         self.metrics = None
         if self.rank == 0:
@@ -227,7 +227,7 @@ class WorkerEplb:
                 self.num_layers, self.num_experts, routers[0].top_k, list(self.table.shape),
                 config.expert_map_path or "vLLM's default placement", int(table_summary(self.table)[3]),
                 "planning every %d steps" % config.expert_heat_collection_interval if planning
-                else "vLLM's EplbState plans" if self.engine_eplb else "dynamic_eplb off: no planning",
+                else "vLLM's EplbState plans" if engine_eplb else "dynamic_eplb off: no planning",
             )
 
     def _initial_table(self, ranks: int) -> np.ndarray:
@@ -290,7 +290,8 @@ class WorkerEplb:
         heat = self._gather_heat(heat)
         if heat is None or heat.sum() == 0:
             return
-        self.pending_steps, self.pending_heat = 0, heat
+        self.pending_steps = 0
+        self.pending_load = heat.sum(axis=0) if heat.ndim == 3 else heat
         if self.planner is not None:
             self.planner.submit(self.table, heat)
 
@@ -317,7 +318,7 @@ class WorkerEplb:
         dist.broadcast(status, src=src, group=self.group)
         if status.item() == _WAIT:
             return
-        heat, self.pending_steps, self.pending_heat = self.pending_heat, None, None
+        load, self.pending_steps, self.pending_load = self.pending_load, None, None
         if status.item() != _APPLY:
             if outcome is not None and status.item() == _SKIP:
                 logger.info("EPLB plan not applied: %s", outcome.error)
@@ -328,7 +329,7 @@ class WorkerEplb:
             return
         new = torch.from_numpy(outcome.new_table) if outcome is not None else torch.empty(self.table.shape, dtype=torch.int64)
         dist.broadcast(new, src=src, group=self.group)
-        self._apply(new.numpy(), heat, outcome)
+        self._apply(new.numpy(), load, outcome)
 
     def _poll_plan(self) -> PlanOutcome | None:
         """Rank 0: the plan if ready (kept to the layers it improves), a failure, or None."""
@@ -346,9 +347,8 @@ class WorkerEplb:
     def _keep_improvements(self, outcome: PlanOutcome) -> PlanOutcome:
         """Take the plan only for layers it is predicted to balance better on the window it
         was fitted on; a plan that improves no layer fails (the table stays)."""
-        assert self.pending_heat is not None and outcome.new_table is not None
-        heat = self.pending_heat
-        load = heat.sum(axis=0) if heat.ndim == 3 else heat  # [L, E]
+        assert self.pending_load is not None and outcome.new_table is not None
+        load = self.pending_load
         better = balancedness(outcome.new_table, load) > balancedness(self.table, load) + 1e-9  # [L]
         new = np.where(better[:, None, None], outcome.new_table, self.table)
         layers = tuple(int(l) for l in np.flatnonzero(better & (changed_slots(self.table, new) > 0)))
@@ -356,14 +356,15 @@ class WorkerEplb:
             return PlanOutcome(outcome.seq, new, (), outcome.seconds, "the plan improves no layer on its window")
         return PlanOutcome(outcome.seq, new, layers, outcome.seconds)
 
-    def _apply(self, new: np.ndarray, heat: np.ndarray, outcome: PlanOutcome | None) -> None:
+    def _apply(self, new: np.ndarray, load: np.ndarray, outcome: PlanOutcome | None) -> None:
+        """Adopt ``new [L, R, K]`` on every rank; rank 0 records and reports it against the
+        plan's ``load [L, E]``."""
         verify_consistency(self.table, self.group, what="expert table before update")
         old, self.table = self.table, new
         self.plans += 1
         if self.rank != 0:
             return
         assert outcome is not None
-        load = heat.sum(axis=0) if heat.ndim == 3 else heat  # [L, E]
         before, after = balancedness(old, load), balancedness(new, load)
         moved = int(changed_slots(old, new).sum())
         record = self.config.expert_map_record_path
