@@ -1,11 +1,17 @@
 """register(): idempotent, installs only what a process needs, inert without eplb."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import import_peer
 
 import_peer("vllm")
+
+MAP_8E = str(Path(__file__).parent.parent / "configs" / "expert_map_8e_2r.json")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -66,3 +72,41 @@ def test_engine_config_without_eplb_is_untouched():
 
     assert check_engine_config(SimpleNamespace(additional_config={"ascend_other": 1})) is None
     assert check_engine_config(SimpleNamespace(additional_config=None)) is None
+
+
+def _engine(tp=2, dp=1, experts=8, enable_eplb=False, theirs=0, eplb=None, hf_key="num_experts"):
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(**({hf_key: experts} if hf_key else {}))
+    return SimpleNamespace(
+        additional_config={"eplb": eplb or {}},
+        model_config=SimpleNamespace(model="m", hf_text_config=hf, hf_config=hf),
+        parallel_config=SimpleNamespace(
+            tensor_parallel_size=tp, data_parallel_size=dp, enable_eplb=enable_eplb,
+            eplb_config=SimpleNamespace(num_redundant_experts=theirs),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dp": 2}, "eplb: data_parallel_size=2 is not supported"),
+        ({"hf_key": None}, "does not look like a MoE model"),
+        ({"eplb": {"num_redundant_experts": 1}}, "eplb.num_redundant_experts=1: 8 experts + 1 redundant slots do not divide over 2 EP ranks"),
+        ({"enable_eplb": True, "theirs": 4, "eplb": {"num_redundant_experts": 2}}, "differs from vLLM's --eplb-config num_redundant_experts=4"),
+        ({"experts": 16, "eplb": {"expert_map_path": MAP_8E}}, "the map places 8 experts but the model has 16"),
+    ],
+)
+def test_engine_config_errors_name_the_key_and_the_fix(kwargs, message):
+    from vllm_eplb_plugin.config import EplbConfigError
+    from vllm_eplb_plugin.engine.vllm_worker import check_engine_config
+
+    with pytest.raises(EplbConfigError, match=re.escape(message)):
+        check_engine_config(_engine(**kwargs))
+
+
+def test_engine_config_accepts_a_fitting_section():
+    from vllm_eplb_plugin.engine.vllm_worker import check_engine_config
+
+    assert check_engine_config(_engine(eplb={"num_redundant_experts": 2})).num_redundant_experts == 2
