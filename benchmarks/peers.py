@@ -23,15 +23,24 @@ def vllm_ascend_sdist() -> str:
     return path
 
 
-def load_from_vllm_ascend(relative_path: str, module_name: str) -> types.ModuleType:
+def load_from_vllm_ascend(relative_path: str, module_name: str, package: str | None = None) -> types.ModuleType:
     """Execute one file of vLLM Ascend's source tree (e.g. ``examples/eplb/eplb_deepseek.py``)
-    as a module and return it."""
+    as a module and return it; ``package`` lets its relative imports resolve."""
     sdist = vllm_ascend_sdist()
-    with tarfile.open(sdist) as tar:
-        member = next(m for m in tar.getmembers() if m.name.split("/", 1)[-1] == relative_path)
-        source = tar.extractfile(member).read().decode()
+    # Extracted next to the tarball (ignored by git) rather than exec'd from memory:
+    # numba's on-disk cache (FlashLB uses cache=True) needs a real source file.
+    path = os.path.join(sdist[: -len(".tar.gz")], relative_path)
+    if not os.path.isfile(path):
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.name.split("/", 1)[-1] == relative_path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(tar.extractfile(member).read())
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
     module = types.ModuleType(module_name)
-    module.__file__ = f"{sdist}!{relative_path}"
+    module.__file__ = path
+    module.__package__ = package
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
 
@@ -46,3 +55,58 @@ def vllm_default_policy():
     from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
 
     return DefaultEplbPolicy
+
+
+_ASCEND_POLICY_PACKAGE = "vllm_ascend.eplb.core.policy"
+_ASCEND_POLICIES = {  # our label -> (file in vllm_ascend/eplb/core/policy/, class)
+    "vLLM Ascend DefaultEplb": ("policy_default_eplb", "DefaultEplb"),
+    "vLLM Ascend SwiftBalancer": ("policy_swift_balancer", "SwiftBalanceEplb"),
+    "vLLM Ascend FlashLB": ("policy_flashlb", "FlashLB"),
+}
+ASCEND_POLICY_LABELS = tuple(_ASCEND_POLICIES)
+
+
+def _install_npu_stubs(devices_per_host: int) -> None:
+    """The only NPU pieces the policies touch: ``import torch_npu``,
+    ``torch.npu.device_count()`` (Swift: NPUs per host) and FlashLB's
+    ``get_dynamic_eplb_group()`` (raises here, so FlashLB keeps its default thresholds,
+    as it does before the group exists)."""
+    import sys
+
+    import torch
+
+    sys.modules.setdefault("torch_npu", types.ModuleType("torch_npu"))
+    torch.npu = types.SimpleNamespace(device_count=lambda: devices_per_host)  # type: ignore[attr-defined]
+    for name in ("vllm_ascend", "vllm_ascend.distributed", "vllm_ascend.eplb", "vllm_ascend.eplb.core",
+                 _ASCEND_POLICY_PACKAGE):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = []  # a package, so relative imports resolve
+            sys.modules[name] = package
+    if "vllm_ascend.distributed.parallel_state" not in sys.modules:
+        state = types.ModuleType("vllm_ascend.distributed.parallel_state")
+
+        def get_dynamic_eplb_group():
+            raise RuntimeError("no dynamic EPLB group on this machine (stub)")
+
+        state.get_dynamic_eplb_group = get_dynamic_eplb_group
+        sys.modules[state.__name__] = state
+
+
+def _load_ascend_module(stem: str) -> types.ModuleType:
+    import sys
+
+    name = f"{_ASCEND_POLICY_PACKAGE}.{stem}"
+    if name not in sys.modules:
+        module = load_from_vllm_ascend(f"vllm_ascend/eplb/core/policy/{stem}.py", name, package=_ASCEND_POLICY_PACKAGE)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def ascend_policy(label: str, devices_per_host: int = 8):
+    """A fresh instance of one of vLLM Ascend's policies (``ASCEND_POLICY_LABELS``),
+    executed from its source tarball with stubs for the NPU-only imports."""
+    _install_npu_stubs(devices_per_host)
+    _load_ascend_module("policy_abstract")
+    stem, cls = _ASCEND_POLICIES[label]
+    return getattr(_load_ascend_module(stem), cls)()

@@ -23,7 +23,7 @@ def test_plan_then_inspect(tmp_path, capsys):
     heat = np.array(json.load(open(HEAT))["heat"], dtype=float)
     assert np.all(imbalance(table, heat) < 1.2)
     printed = capsys.readouterr().out
-    assert "policy deepseek: 4 layers, 6 ranks x 3 slots, 16 experts + 2 redundant" in printed
+    assert "policy swift: 4 layers, 6 ranks x 3 slots, 16 experts + 2 redundant" in printed
     assert main(["inspect", str(out), "--heat", HEAT]) == 0
     assert "4 layers, 6 ranks x 3 slots = 18 slots, 16 experts, 2 redundant" in capsys.readouterr().out
 

@@ -16,7 +16,7 @@ from vllm_eplb_plugin.conformance import run_conformance
 
 @pytest.mark.parametrize("name", sorted(available_policies()))
 def test_every_installed_policy_passes(name):
-    report = run_conformance(name, examples=int(os.environ.get("EPLB_CONFORMANCE_EXAMPLES", "150")))
+    report = run_conformance(name, examples=int(os.environ.get("EPLB_CONFORMANCE_EXAMPLES", "500")))
     assert report.ok, report.format()
 
 

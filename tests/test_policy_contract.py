@@ -100,18 +100,16 @@ def test_registry_lists_builtins_and_the_example_package():
     assert type(create_policy("example-lpt")).__name__ == "LptPolicy"
 
 
-@pytest.mark.parametrize("number, name", [(0, "random"), (1, "deepseek")])
+@pytest.mark.parametrize("number, name", [(0, "random"), (1, "deepseek"), (2, "swift"), (3, "flashlb")])
 def test_vllm_ascend_policy_types(number, name):
     assert type(create_policy(number)).name == name
 
 
 def test_default_and_unknown_names():
-    assert type(create_policy(None)).name == "deepseek"
-    assert type(create_policy("default")).name == "deepseek"
+    assert type(create_policy(None)).name == "swift"
+    assert type(create_policy("default")).name == "swift"
     with pytest.raises(PolicyNotFound, match=r"no EPLB policy named 'deepsek'. Did you mean 'deepseek'\? Available: .*deepseek"):
         create_policy("deepsek")
-    with pytest.raises(PolicyNotFound, match=r"no EPLB policy named 'swift' \(eplb_policy_type 2\)"):
-        create_policy(2)
     with pytest.raises(PolicyNotFound, match=r"eplb_policy_type 7 is not one of vLLM Ascend's types"):
         create_policy(7)
 

@@ -28,8 +28,9 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "vllm_eplb_plugin.policies"
 
-DEFAULT_POLICY = "deepseek"
-"""What ``"default"`` (and an unset ``policy``) selects."""
+DEFAULT_POLICY = "swift"
+"""What ``"default"`` (and an unset ``policy``) selects: chosen from ``benchmarks/policies.py``
+(balance on par with the best, about a quarter of the weight moves)."""
 
 ASCEND_POLICY_TYPES = {0: "random", 1: "deepseek", 2: "swift", 3: "flashlb"}
 """vLLM Ascend's ``eplb_policy_type`` -> our policy name."""

@@ -28,9 +28,15 @@ class LptPolicy(PlacementPolicy):
             replica_load = expert_load[l, phy2log[l]] / count[l, phy2log[l]]
             rank_load = np.zeros(R)
             filled = np.zeros(R, dtype=np.int64)
+            holds = np.zeros((R, expert_load.shape[1]), dtype=bool)
             for p in np.argsort(-replica_load, kind="stable"):
-                r = int(np.where(filled < K, rank_load, np.inf).argmin())
-                target[l, r, filled[r]] = phy2log[l, p]
+                e = phy2log[l, p]
+                # Lightest rank with a free slot, preferring ranks that do not hold e yet.
+                free = np.where(filled < K, rank_load, np.inf)
+                fresh = np.where(holds[:, e], np.inf, free)
+                r = int((fresh if np.isfinite(fresh).any() else free).argmin())
+                target[l, r, filled[r]] = e
+                holds[r, e] = True
                 rank_load[r] += replica_load[p]
                 filled[r] += 1
         return preserve_slots(table, separate_duplicates(target, expert_load))

@@ -1,0 +1,60 @@
+"""PNG plots of a policy benchmark run (``benchmarks/policies.py``); needs matplotlib."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+__all__ = ["draw"]
+
+
+def draw(rows: list[dict], summary: list[dict], outdir: str) -> list[str]:
+    """Write ``realized_imbalance.png`` (per policy per shape, mean over skews) and
+    ``moves_vs_imbalance.png`` (suite means); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(outdir, exist_ok=True)
+    ok = [r for r in rows if "error" not in r]
+    shapes = list(dict.fromkeys(r["shape"] for r in ok))
+    policies = [s["policy"] for s in summary if "realized_imbalance" in s]
+    kinds = {s["policy"]: s["kind"] for s in summary}
+    colors = plt.get_cmap("tab10")
+
+    fig, ax = plt.subplots(figsize=(13, 5.5))
+    width = 0.8 / len(policies)
+    for p, name in enumerate(policies):
+        values = [statistics.fmean([r["realized_imbalance"] for r in ok if r["shape"] == s and r["policy"] == name]
+                                   or [float("nan")]) for s in shapes]
+        ax.bar([x + (p - len(policies) / 2 + 0.5) * width for x in range(len(shapes))], values, width,
+               label=name, color=colors(p % 10), hatch=None if kinds[name] == "ours" else "//",
+               edgecolor="black", linewidth=0.4)
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_ylabel("realized imbalance (max / mean rank load per step)")
+    ax.set_ylim(1.0, None)
+    ax.axhline(1.10, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_title("Realized imbalance on the next window, mean over skews (lower is better; hatched: peers)")
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    bars = os.path.join(outdir, "realized_imbalance.png")
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    for p, s in enumerate(s for s in summary if "realized_imbalance" in s):
+        ours = s["kind"] == "ours"
+        ax.scatter(s["moves_steady"], s["realized_imbalance"], s=80, color=colors(p % 10),
+                   marker="o" if ours else "s", edgecolors="black", label=s["policy"])
+        ax.annotate(s["policy"], (s["moves_steady"], s["realized_imbalance"]), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")
+    ax.set_xlabel("moves per update (fraction of slots, after the first update)")
+    ax.set_ylabel("realized imbalance, suite mean")
+    ax.set_title("Weight moves vs balance (down-left is better; circles: ours, squares: peers)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    scatter = os.path.join(outdir, "moves_vs_imbalance.png")
+    fig.savefig(scatter, dpi=110)
+    plt.close(fig)
+    return [bars, scatter]

@@ -1,0 +1,301 @@
+"""Policy benchmark: ours against DeepSeek's reference, vLLM's and vLLM Ascend's policies,
+all in one run, on synthetic drifting traces (``benchmarks/traces.py``).
+
+Each policy runs as production runs it: starting from vLLM's linear table, it is fitted on
+window ``w`` (the per-slot load its current table measured, ``[T, L, R, K]`` for policies
+that take a series, else its sum ``[L, R, K]``), its table is applied, and it is scored on
+window ``w + 1``. Metrics, per update, averaged over layers:
+
+- realized imbalance: mean over the next window's steps of max rank load / mean rank load;
+- fit ratio: lower bound / max rank load on the fitted window, with the lower bound
+  ``max(total / R, min over replica counts of max_e load_e / count_e)``;
+- moves: slots whose expert changes / all slots (first update from the linear table
+  reported apart from the steady-state updates that follow);
+- ms per call, and separately one call on the full DeepSeek-V3 shape (58 layers, EP32).
+
+Peers are loaded at run time from their own code (see ``benchmarks/peers.py``).
+
+    python -m benchmarks.policies [--quick] [--seed 0] [--json F] [--plots DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from vllm_eplb_plugin import PolicyConfig, create_policy
+from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, rank_load, changed_slots
+from vllm_eplb_plugin.placement import InvalidExpertTable, validate_table
+from vllm_eplb_plugin.policies.search import lower_bound
+
+from .traces import SHAPES, SKEWS, Shape, drifting_trace
+
+# A planner: (current table [L, R, K], slot series [T, L, R, K]) -> new table [L, R, K].
+Planner = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # "ours" or "peer"
+    make: Callable[[Shape], Planner]  # a fresh (possibly stateful) planner per run
+
+
+def _ours(name: str, max_move_fraction: float | None = None, **options) -> Callable[[Shape], Planner]:
+    def make(shape: Shape) -> Planner:
+        max_move = None if max_move_fraction is None else max(1, round(max_move_fraction * shape.slots))
+        config = PolicyConfig(max_move=max_move, options=options)
+        policy = create_policy(name, config)
+        return lambda table, series: policy.rebalance_experts(table, series).new_table
+    return make
+
+
+def _seed_reference(shape: Shape) -> Planner:
+    import torch
+
+    from .peers import deepseek_reference
+
+    fn = deepseek_reference()
+
+    def plan(table, series):
+        heat = slot_heat(table, series.sum(axis=0))
+        phy2log = fn(torch.from_numpy(heat), shape.slots, 1, 1, shape.ranks)[0]
+        return phy2log.numpy().reshape(table.shape)
+    return plan
+
+
+def _vllm_default(shape: Shape) -> Planner:
+    import torch
+
+    from .peers import vllm_default_policy
+
+    cls = vllm_default_policy()
+
+    def plan(table, series):
+        heat = slot_heat(table, series.sum(axis=0))
+        old = torch.from_numpy(table.reshape(table.shape[0], -1))
+        return cls.rebalance_experts(torch.from_numpy(heat), shape.slots, 1, 1, shape.ranks, old).numpy().reshape(
+            table.shape)
+    return plan
+
+
+def _ascend(label: str) -> Callable[[Shape], Planner]:
+    def make(shape: Shape) -> Planner:
+        import torch
+
+        from .peers import ascend_policy
+
+        policy = ascend_policy(label, devices_per_host=min(8, shape.ranks))
+        takes_series = "FlashLB" in label
+
+        def plan(table, series):
+            workload = series if takes_series else series.sum(axis=0)
+            changed, _, new = policy.rebalance_experts(torch.from_numpy(table), torch.from_numpy(workload))
+            # vLLM Ascend's worker keeps the current table when the policy reports no change.
+            return np.asarray(new, dtype=np.int64) if changed else table
+        return plan
+    return make
+
+
+def contenders() -> list[Contender]:
+    from .peers import ASCEND_POLICY_LABELS
+
+    return [
+        Contender("deepseek", "ours", _ours("deepseek")),
+        Contender("optimal", "ours", _ours("optimal")),
+        Contender("swift", "ours", _ours("swift")),
+        Contender("flashlb", "ours", _ours("flashlb")),
+        Contender("optimal max_move=5%", "ours", _ours("optimal", max_move_fraction=0.05)),
+        Contender("DeepSeek reference (seed 003)", "peer", _seed_reference),
+        Contender("vLLM DefaultEplbPolicy", "peer", _vllm_default),
+        *(Contender(label, "peer", _ascend(label)) for label in ASCEND_POLICY_LABELS),
+    ]
+
+
+def slot_heat(table: np.ndarray, slot_load: np.ndarray) -> np.ndarray:
+    """Per-expert load ``[L, E]`` from per-slot load ``[L, R, K]`` (what a peer taking
+    logical-expert weights is given)."""
+    from vllm_eplb_plugin.placement import slot_to_expert_load
+
+    return slot_to_expert_load(table, slot_load, int(table.max()) + 1)
+
+
+def step_imbalance(table: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Max rank load / mean rank load per step and layer: ``steps [T, L, E]`` -> ``[T, L]``.
+    A table holding an expert twice on one rank (peers allow it) is scored as it is."""
+    loads = np.stack([rank_load(table, s) for s in steps])  # [T, L, R]
+    mean = loads.mean(axis=-1)
+    return np.divide(loads.max(axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
+def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
+    """Fit on window w, score on w + 1, for every w. ``trace [W, T, L, E]``."""
+    W, T, L, E = trace.shape
+    plan = contender.make(shape)
+    table = default_table(L, shape.ranks, shape.slots_per_rank, E)
+    realized, fit, moves, ms, invalid = [], [], [], [], 0
+    for w in range(W - 1):
+        series = expert_to_slot_load(table, trace[w])  # [T, L, R, K], as the engine measures it
+        start = time.perf_counter()
+        new = np.asarray(plan(table, series), dtype=np.int64)
+        ms.append((time.perf_counter() - start) * 1000)
+        try:
+            validate_table(new, E)
+        except InvalidExpertTable:
+            invalid += 1
+        window = trace[w].sum(axis=0)
+        fit.append(float(np.mean(lower_bound(window, shape.ranks, shape.slots) / rank_load(new, window).max(axis=1))))
+        moves.append(float(changed_slots(table, new).mean() / shape.slots))
+        realized.append(float(step_imbalance(new, trace[w + 1]).mean()))
+        table = new
+    return {
+        "realized_imbalance": statistics.fmean(realized),
+        "fit_ratio": statistics.fmean(fit),
+        "moves_first": moves[0],
+        "moves_steady": statistics.fmean(moves[1:]) if len(moves) > 1 else moves[0],
+        "ms_per_call": statistics.median(ms),
+        "invalid_tables": invalid,
+        "updates": len(moves),
+        "start_imbalance": float(step_imbalance(default_table(L, shape.ranks, shape.slots_per_rank, E),
+                                                trace[0]).mean()),
+    }
+
+
+def time_full_shape(contender: Contender, trace: np.ndarray, repeat: int) -> float:
+    """Median ms of one steady-state call on DeepSeek-V3's full shape (58 layers, EP32):
+    the table is the contender's own plan for the previous window."""
+    shape = SHAPES["deepseek-v3-ep32"]
+    plan = contender.make(shape)
+    table = default_table(trace.shape[2], shape.ranks, shape.slots_per_rank, shape.experts)
+    table = np.asarray(plan(table, expert_to_slot_load(table, trace[0])), dtype=np.int64)
+    series = expert_to_slot_load(table, trace[1])
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        plan(table, series)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the traces (default 0)")
+    parser.add_argument("--layers", type=int, default=8, help="layers per trace (layers are independent)")
+    parser.add_argument("--windows", type=int, default=6, help="windows per trace (updates = windows - 1)")
+    parser.add_argument("--steps", type=int, default=32, help="steps per window")
+    parser.add_argument("--tokens-per-rank", type=int, default=256,
+                        help="tokens per step per rank (a step routes tokens x ranks x top-k pairs)")
+    parser.add_argument("--drift", type=float, default=0.15, help="std of the log-popularity step between windows")
+    parser.add_argument("--jitter", type=float, default=0.1, help="std of the per-step log-popularity noise")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    parser.add_argument("--only", default=None, help="comma-separated contender names (default: all)")
+    parser.add_argument("--full-repeat", type=int, default=3, help="calls timed on the full DeepSeek-V3 shape")
+    parser.add_argument("--quick", action="store_true", help="2 layers, 3 windows, 8 steps: a smoke run")
+    parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.windows, args.steps, args.full_repeat = 2, 3, 8, 1
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    runs = contenders()
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [c for c in runs if c.name in wanted]
+    rows = []
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        for skew, s in SKEWS.items():
+            trace = drifting_trace(shape.experts, args.layers, args.windows, args.steps,
+                                   args.tokens_per_rank * shape.ranks, shape.top_k, s, args.drift, args.jitter,
+                                   seed=args.seed)
+            for c in runs:
+                try:
+                    result = run_one(c, shape, trace)
+                except Exception as exc:  # a peer that cannot handle a shape is reported, not fatal
+                    result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                rows.append({"shape": shape_name, "skew": skew, "policy": c.name, "kind": c.kind, **result})
+                _print_row(rows[-1])
+    full_trace = drifting_trace(256, 58, 2, 4, 256 * 32, 8, SKEWS["moderate"], args.drift, args.jitter,
+                                seed=args.seed)
+    full = {}
+    for c in runs:
+        try:
+            full[c.name] = round(time_full_shape(c, full_trace, args.full_repeat), 2)
+        except Exception as exc:
+            full[c.name] = f"{type(exc).__name__}: {exc}"[:200]
+    summary = summarize(rows, full)
+    print_summary(summary)
+    params = {k: v for k, v in vars(args).items() if k not in ("json", "plots", "only")}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"params": params, "machine": platform.machine(), "python": sys.version.split()[0],
+                       "summary": summary, "full_shape_ms": full, "rows": rows}, f, indent=1)
+    if args.plots:
+        from .plots import draw
+
+        for path in draw(rows, summary, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def _print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['shape']:<18} {r['skew']:<9} {r['policy']:<30} ERROR {r['error']}", flush=True)
+        return
+    print(f"{r['shape']:<18} {r['skew']:<9} {r['policy']:<30} realized {r['realized_imbalance']:.4f}  "
+          f"fit {r['fit_ratio']:.4f}  moves {r['moves_first']:.3f}/{r['moves_steady']:.3f}  "
+          f"{r['ms_per_call']:8.2f} ms  invalid {r['invalid_tables']}", flush=True)
+
+
+def summarize(rows: list[dict], full: dict) -> list[dict]:
+    """One line per policy: suite means, worst-shape fit ratio, full-shape time."""
+    out = []
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == name]
+        ok = [r for r in mine if "error" not in r]
+        line = {"policy": name, "kind": mine[0]["kind"], "cases": len(mine), "errors": len(mine) - len(ok),
+                "full_shape_ms": full.get(name)}
+        if ok:
+            line.update({
+                "realized_imbalance": round(statistics.fmean(r["realized_imbalance"] for r in ok), 4),
+                "fit_ratio": round(statistics.fmean(r["fit_ratio"] for r in ok), 4),
+                "worst_fit_ratio": round(min(r["fit_ratio"] for r in ok), 4),
+                "moves_first": round(statistics.fmean(r["moves_first"] for r in ok), 4),
+                "moves_steady": round(statistics.fmean(r["moves_steady"] for r in ok), 4),
+                "ms_per_call": round(statistics.fmean(r["ms_per_call"] for r in ok), 2),
+                "invalid_tables": sum(r["invalid_tables"] for r in ok),
+            })
+        out.append(line)
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    head = (f"{'policy':<30} {'realized':>9} {'fit':>7} {'worst fit':>9} {'moves 1st':>9} {'moves':>7} "
+            f"{'ms/call':>8} {'V3 full ms':>10} {'invalid':>7} {'errors':>6}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for s in summary:
+        if "realized_imbalance" not in s:
+            print(f"{s['policy']:<30} failed on every case")
+            continue
+        v3 = s["full_shape_ms"]
+        v3 = f"{v3:10.1f}" if isinstance(v3, float) else f"{'error':>10}"
+        print(f"{s['policy']:<30} {s['realized_imbalance']:9.4f} {s['fit_ratio']:7.4f} {s['worst_fit_ratio']:9.4f} "
+              f"{s['moves_first']:9.3f} {s['moves_steady']:7.3f} {s['ms_per_call']:8.2f} {v3} "
+              f"{s['invalid_tables']:7d} {s['errors']:6d}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

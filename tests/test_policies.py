@@ -1,0 +1,170 @@
+"""The optimal, swift and flashlb policies and their search building blocks, against
+brute-force optima, hand-checked placements and the benchmark's drifting traces."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from vllm_eplb_plugin import PolicyConfig, create_policy
+from vllm_eplb_plugin.placement import (
+    changed_slots, default_table, expert_to_slot_load, logcnt, rank_load, validate_table,
+)
+from vllm_eplb_plugin.policies.search import align_ranks, lower_bound, rank_cost, recount, refine, replica_counts
+
+
+def brute_force_peak(w: np.ndarray, R: int, K: int) -> float:
+    """Smallest max rank load over every valid table of one layer: each rank picks a set
+    of K distinct experts; every expert must be covered."""
+    E = len(w)
+    sets = list(itertools.combinations(range(E), K))
+    best = np.inf
+    for choice in itertools.combinations_with_replacement(range(len(sets)), R):
+        table = np.array([[sets[c] for c in choice]])
+        if np.any(logcnt(table, E) == 0):
+            continue
+        best = min(best, rank_load(table, w[None]).max())
+    return float(best)
+
+
+TINY = [(3, 2, 4), (3, 2, 5), (2, 3, 4), (4, 2, 5), (3, 3, 6)]  # (R, K, E)
+
+
+def test_optimal_against_brute_force_and_the_bound_holds():
+    gaps = []
+    for R, K, E in TINY:
+        rng = np.random.default_rng(R * 100 + K * 10 + E)
+        for _ in range(6):
+            w = rng.zipf(1.6, E).astype(float) * rng.integers(1, 50, E)
+            exact = brute_force_peak(w, R, K)
+            table = default_table(1, R, K, E)
+            new = create_policy("optimal").rebalance_experts(table, expert_to_slot_load(table, w[None])).new_table
+            ours = rank_load(new, w[None]).max()
+            assert lower_bound(w[None], R, R * K)[0] <= exact + 1e-9  # a true lower bound
+            assert ours >= exact - 1e-9  # nothing beats exhaustive search: checks the scorer
+            gaps.append(ours / exact)
+    gaps = np.array(gaps)
+    # Measured on these 30 cases: 21 exact, mean 2.4 % and worst 20 % above the optimum
+    # (greedy replica counts no swap can fix: 3 ranks x 2 slots leave little room).
+    assert np.sum(gaps <= 1 + 1e-9) >= 20 and gaps.mean() <= 1.03 and gaps.max() <= 1.21, gaps.round(3).tolist()
+
+
+def test_lower_bound_hand_checked():
+    # 2 ranks x 2 slots, experts 8, 2, 2: counts (2, 1, 1) -> per replica 4, 2, 2; total 12 / 2 = 6.
+    assert lower_bound(np.array([[8.0, 2.0, 2.0]]), 2, 4).tolist() == [6.0]
+    # 2 ranks x 2 slots, experts 30, 1, 1: counts (2, 1, 1) -> 15 per replica, but 32 / 2 = 16.
+    assert lower_bound(np.array([[30.0, 1.0, 1.0]]), 2, 4).tolist() == [16.0]
+    assert replica_counts(np.array([[30.0, 1.0, 1.0]]), 2, 4).tolist() == [[2, 1, 1]]
+    # No redundant slot (4 ranks x 1 slot): the hot expert alone is the bound.
+    assert lower_bound(np.array([[30.0, 1.0, 1.0, 1.0]]), 4, 4).tolist() == [30.0]
+
+
+def test_refine_never_raises_the_peak_and_keeps_counts():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        L, R, K, E = 3, int(rng.integers(2, 7)), int(rng.integers(2, 6)), 0
+        E = int(rng.integers(K, R * K + 1))
+        table = np.stack([default_table(1, R, K, E)[0][rng.permutation(R)] for _ in range(L)])
+        w = rng.gamma(0.5, 100, (L, E))
+        out = refine(table, w)
+        validate_table(out, E)
+        assert np.array_equal(logcnt(out, E), logcnt(table, E))
+        assert np.all(rank_cost(out, w).max(axis=1) <= rank_cost(table, w).max(axis=1) + 1e-9)
+
+
+def test_recount_moves_one_slot_per_replica_gained():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        R, K = int(rng.integers(2, 8)), int(rng.integers(2, 6))
+        E = int(rng.integers(K, R * K))
+        table = default_table(2, R, K, E)
+        w = rng.gamma(0.4, 100, (2, E))
+        counts = replica_counts(w, R, R * K)
+        out = recount(table, counts, w)
+        validate_table(out, E)
+        assert np.array_equal(logcnt(out, E), counts)
+        gained = np.maximum(counts - logcnt(table, E), 0).sum(axis=1)
+        moved = changed_slots(table, out)
+        # one slot per replica gained, two where a freed slot had to be made room for
+        assert np.all(moved >= gained) and np.all(moved <= 2 * gained)
+
+
+def test_align_ranks_undoes_a_rank_permutation():
+    rng = np.random.default_rng(3)
+    table = np.stack([rng.permutation(64).reshape(8, 8) for _ in range(4)])
+    shuffled = np.stack([t[rng.permutation(8)] for t in table])
+    assert np.array_equal(align_ranks(table, shuffled, 64), table)
+
+
+def _drifting_runs(policy: str, updates: int = 5, seed: int = 0):
+    """Fit on window w, score on w + 1 (the benchmark's protocol), DeepSeek-V3 EP32 shape,
+    4 layers. Returns per-update (realized imbalance, moved fraction)."""
+    from benchmarks.policies import step_imbalance
+    from benchmarks.traces import drifting_trace
+
+    trace = drifting_trace(256, 4, updates + 1, 8, 256 * 32, 8, zipf_s=0.7, seed=seed)
+    pol = create_policy(policy)
+    table = default_table(4, 32, 9, 256)
+    out = []
+    for w in range(updates):
+        new = pol.rebalance_experts(table, expert_to_slot_load(table, trace[w])).new_table
+        out.append((float(step_imbalance(new, trace[w + 1]).mean()), float(changed_slots(table, new).mean() / 288)))
+        table = new
+    return out
+
+
+def test_swift_converges_from_a_linear_start_with_few_moves():
+    swift, optimal = _drifting_runs("swift"), _drifting_runs("optimal")
+    # From vLLM's linear table, swift gets about optimal's balance on the next window at
+    # once and keeps it (Ascend's Swift does not: 1.4-2.0 on this shape, see
+    # benchmarks/results); the drift between windows is noise of a few percent either way.
+    assert swift[0][0] <= optimal[0][0] * 1.05
+    assert np.mean([s for s, _ in swift]) <= np.mean([o for o, _ in optimal]) * 1.03
+    # ...and afterwards repairs with a fraction of the moves of a fresh placement.
+    steady_swift = np.mean([m for _, m in swift[1:]])
+    steady_optimal = np.mean([m for _, m in optimal[1:]])
+    assert steady_swift <= 0.25 and steady_swift <= steady_optimal / 2, (steady_swift, steady_optimal)
+
+
+def test_swift_leaves_a_table_alone_when_it_is_already_near_the_bound():
+    rng = np.random.default_rng(4)
+    w = rng.gamma(0.5, 100, (3, 64))
+    table = create_policy("optimal").rebalance_experts(default_table(3, 8, 9, 64),
+                                                       expert_to_slot_load(default_table(3, 8, 9, 64), w)).new_table
+    # A 0.1 % perturbation of the load: nothing worth moving for.
+    w2 = w * (1 + 0.001 * rng.standard_normal(w.shape))
+    result = create_policy("swift").rebalance_experts(table, expert_to_slot_load(table, w2))
+    assert not result.changed
+
+
+def test_flashlb_pairs_bursty_experts_with_steady_ones():
+    # 2 ranks x 2 slots; means 6, 6, 4, 4 pair as {6, 4} twice whatever the variance, so a
+    # mean-only policy cannot tell the options apart. Experts 0 and 2 are bursty (load
+    # alternates), 1 and 3 steady: putting both bursty experts on one rank doubles its swing.
+    steps = np.array([[10, 6, 8, 4], [2, 6, 0, 4]] * 8, dtype=float)  # [T, E], means 6, 6, 4, 4
+    table = np.array([[[0, 2], [1, 3]]])  # bursty together: per-step peak 18
+    series = expert_to_slot_load(table, steps[:, None, :])
+    new = create_policy("flashlb").rebalance_experts(table, series).new_table[0]
+    bursty_rank = [r for r in range(2) if 0 in new[r]][0]
+    assert 2 not in new[bursty_rank], new.tolist()
+    assert sorted(map(sorted, new.tolist())) in ([[0, 3], [1, 2]], [[1, 2], [0, 3]])
+    # One window (T = 1) carries no variance: flashlb plans as optimal does.
+    one = expert_to_slot_load(table, steps.sum(axis=0)[None])
+    assert np.array_equal(create_policy("flashlb").rebalance_experts(table, one).new_table,
+                          create_policy("optimal").rebalance_experts(table, one).new_table)
+
+
+@pytest.mark.parametrize("name", ["optimal", "swift", "flashlb"])
+@pytest.mark.parametrize("max_move", [1, 3, 8])
+def test_max_move_bounds_every_new_policy_and_never_loses(name, max_move):
+    rng = np.random.default_rng(max_move)
+    table = default_table(4, 8, 5, 32)
+    series = expert_to_slot_load(table, rng.gamma(0.4, 100, (4, 4, 32)))
+    w = series.sum(axis=0)
+    load = np.stack([np.bincount(table[l].ravel(), weights=w[l].ravel(), minlength=32) for l in range(4)])
+    new = create_policy(name, PolicyConfig(max_move=max_move)).rebalance_experts(table, series).new_table
+    validate_table(new, 32)
+    assert np.all(changed_slots(table, new) <= max_move)
+    assert np.all(rank_load(new, load).max(axis=1) <= rank_load(table, load).max(axis=1) + 1e-9)

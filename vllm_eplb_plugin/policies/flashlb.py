@@ -1,0 +1,35 @@
+"""Variance-aware placement (the FlashLB idea): plan on the per-step series so the next
+window's per-step peaks stay low, not only its sum.
+
+A step waits for its slowest rank, so what matters is the expected per-step maximum. From
+the series ``[T, L, R, K]`` each expert gets a per-step mean and variance; a rank's cost
+is ``mean + z * std`` of its per-step load (variances of the replicas it holds add up,
+treating experts as independent), and the ``optimal`` machinery minimises the largest
+cost: replica counts and greedy packing on ``mean + z * std``, then the swap search on the
+cost. With a single window (``T = 1``) it is the ``optimal`` policy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..moves import preserve_slots
+from ..policy import Option, PlacementPolicy
+from .search import fresh_table, per_step_stats, rank_cost
+
+__all__ = ["FlashLBPolicy"]
+
+
+class FlashLBPolicy(PlacementPolicy):
+    """Lowest ``mean + z * std`` of the per-step rank load."""
+
+    name = "flashlb"
+    OPTIONS = {"z": Option(1.0, "Weight of the per-step standard deviation in a rank's cost.", 0.0, 10.0)}
+
+    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        z = self.options["z"]
+        mean, var = per_step_stats(table, series)
+        target = fresh_table(table, mean, var, z)
+        worse = rank_cost(target, mean, var, z).max(axis=1) >= rank_cost(table, mean, var, z).max(axis=1)
+        target[worse] = table[worse]
+        return preserve_slots(table, target)

@@ -1,0 +1,215 @@
+"""Building blocks of the optimal, swift and flashlb policies: the lower bound, a swap
+local search on rank costs, a replica recount that moves few slots, and rank alignment.
+
+Shapes: ``table [L, R, K]`` (``S = R * K`` slots), per-expert ``mean [L, E]`` and
+``var [L, E]``. Load splits evenly over an expert's replicas, so a replica of an expert
+with ``c`` replicas carries ``mean / c`` and ``var / c**2``. A rank's cost is
+``mean + z * sqrt(var)`` of what it carries (``z = 0``: the plain load).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..moves import separate_duplicates
+from ..placement import logcnt
+from .deepseek import deepseek_phy2log, replicate
+
+__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "recount", "align_ranks", "fresh_table",
+           "per_step_stats"]
+
+
+def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
+    """Replica counts ``[L, E]`` minimising the largest per-replica weight (one replica
+    per expert first, then each extra one to the expert with the largest weight per
+    replica; at most one replica per rank). Greedy is exact for this objective."""
+    return replicate(weight, num_slots, cap=num_ranks)[1]
+
+
+def lower_bound(expert_load: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
+    """No placement's max rank load is below ``max(total / R, min over replica counts of
+    max_e load_e / count_e)``. ``expert_load [L, E]`` -> ``[L]``."""
+    counts = replica_counts(expert_load, num_ranks, num_slots)
+    return np.maximum(expert_load.sum(axis=1) / num_ranks, (expert_load / counts).max(axis=1))
+
+
+def _items(table: np.ndarray, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slot mean and variance ``[L, R, K]`` of ``table`` (even split over replicas)."""
+    L = table.shape[0]
+    cnt = np.maximum(logcnt(table, mean.shape[1]), 1)
+    flat = table.reshape(L, -1)
+    item_m = np.take_along_axis(mean / cnt, flat, axis=1).reshape(table.shape)
+    item_v = np.take_along_axis(var / cnt**2, flat, axis=1).reshape(table.shape)
+    return item_m, item_v
+
+
+def rank_cost(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
+    """Cost of every rank ``[L, R]``: ``mean + z * sqrt(var)`` of the load it carries."""
+    item_m, item_v = _items(table, mean, mean * 0 if var is None else var)
+    return item_m.sum(axis=-1) + z * np.sqrt(item_v.sum(axis=-1))
+
+
+def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
+           min_gain: np.ndarray | float = 0.0, max_steps: int | None = None,
+           partners: int | None = None) -> np.ndarray:
+    """Swap local search: while it helps, swap one replica of the costliest rank with one
+    replica of another rank, choosing the swap that leaves the pair's larger cost lowest
+    (only the ``partners`` least costly ranks are tried when given: faster, a little less
+    thorough).
+
+    A swap is taken only if it lowers the costliest rank's cost by more than ``min_gain``
+    (``[L]`` or scalar, absolute), so a caller that pays for moves can skip marginal ones.
+    Replica counts never change; the result is valid if ``table`` is. All layers advance
+    together, one swap per layer per step. (Moves that change replica counts were tried
+    too: on the benchmark shapes they never lowered a converged peak and cost 3-5x time.)
+
+    ``table [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]``.
+    """
+    t = table.copy()
+    L, R, K = t.shape
+    E = mean.shape[1]
+    var = np.zeros_like(mean) if var is None else var
+    item_m, item_v = _items(t, mean, var)
+    rank_m, rank_v = item_m.sum(axis=-1), item_v.sum(axis=-1)
+    holds = np.zeros((L, R, E), dtype=bool)
+    holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
+    gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
+    J = R - 1 if partners is None else min(partners, R - 1)
+    cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
+    active = np.arange(L) if R > 1 else np.arange(0)
+    for _ in range(max_steps if max_steps is not None else 4 * R * K):
+        if not active.size:
+            break
+        a = active
+        n = len(a)
+        rows = np.arange(n)
+        cost = cost_of(rank_m[a], rank_v[a])  # [n, R]
+        order = np.argsort(cost, axis=1, kind="stable")
+        i, j = order[:, -1], order[:, :J]  # costliest rank [n], partner ranks [n, J]
+        am, av = item_m[a, i][:, :, None, None], item_v[a, i][:, :, None, None]  # [n, K, 1, 1]
+        jm, jv = item_m[a[:, None], j][:, None], item_v[a[:, None], j][:, None]  # [n, 1, J, K]
+        new_i = cost_of(rank_m[a, i][:, None, None, None] - am + jm, rank_v[a, i][:, None, None, None] - av + jv)
+        rjm, rjv = rank_m[a[:, None], j][:, None, :, None], rank_v[a[:, None], j][:, None, :, None]
+        peak = np.maximum(new_i, cost_of(rjm - jm + am, rjv - jv + av))  # [n, K, J, K]
+        ea, ej = t[a, i], t[a[:, None], j]  # [n, K], [n, J, K]
+        bad = holds[a, i][rows[:, None, None], ej][:, None]  # rank i already holds the partner's expert
+        bad = bad | holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # and vice versa
+        peak = np.where(bad, np.inf, peak).reshape(n, -1)
+        best = peak.argmin(axis=1)
+        take = cost[rows, i] - peak[rows, best] > gain_floor[a]
+        k, jj, kj = np.unravel_index(best[take], (K, J, K))
+        _swap(t, item_m, item_v, rank_m, rank_v, holds, a[take], i[take], k, j[take, jj], kj)
+        active = a[take]
+    return t
+
+
+def _swap(t, item_m, item_v, rank_m, rank_v, holds, l, ri, k, rj, kj) -> None:
+    """Swap slot ``(ri, k)`` with ``(rj, kj)`` in layers ``l`` (all ``[m]``, distinct
+    layers), updating the per-slot, per-rank and holds bookkeeping in place."""
+    x, y = t[l, ri, k], t[l, rj, kj]
+    t[l, ri, k], t[l, rj, kj] = y, x
+    holds[l, ri, x] = holds[l, rj, y] = False
+    holds[l, ri, y] = holds[l, rj, x] = True
+    for item, rank in ((item_m, rank_m), (item_v, rank_v)):
+        u, w = item[l, ri, k], item[l, rj, kj]
+        item[l, ri, k], item[l, rj, kj] = w, u
+        rank[l, ri] += w - u
+        rank[l, rj] += u - w
+
+
+def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Change replica counts to ``counts [L, E]`` moving one slot per replica gained.
+
+    A surplus replica leaves the slot of the most loaded rank that holds it; freed slots
+    take the missing replicas, heaviest replica into the least loaded rank that does not
+    hold its expert yet. If every freed slot is on a rank that holds it, a replica of
+    similar load on another rank moves into the freed slot and makes room (two slots).
+    ``table [L, R, K]``, ``mean [L, E]`` -> ``[L, R, K]``.
+    """
+    t = table.copy()
+    E = mean.shape[1]
+    current = logcnt(t, E)
+    loads = rank_cost(t, mean)  # [L, R]
+    for l in np.flatnonzero(np.any(current != counts, axis=1)):
+        tl, ld = t[l], loads[l]
+        freed: list[tuple[int, int]] = []
+        for e in np.flatnonzero(current[l] > counts[l]):
+            ranks, slots = np.nonzero(tl == e)
+            for j in np.argsort(-ld[ranks], kind="stable")[: current[l, e] - counts[l, e]]:
+                freed.append((int(ranks[j]), int(slots[j])))
+                ld[ranks[j]] -= mean[l, e] / current[l, e]
+        gaining = np.flatnonzero(counts[l] > current[l])
+        needed = np.repeat(gaining, (counts[l] - current[l])[gaining])
+        per_replica = mean[l] / counts[l]
+        for e in needed[np.argsort(-per_replica[needed], kind="stable")]:
+            free_ranks = np.array([r for r, _ in freed])
+            ok = ~np.any(tl[free_ranks] == e, axis=1)
+            if ok.any():
+                r, k = freed.pop(int(np.flatnonzero(ok)[ld[free_ranks[ok]].argmin()]))
+                tl[r, k] = e
+                ld[r] += per_replica[e]
+                continue
+            r, k = freed.pop(int(ld[free_ranks].argmin()))
+            # Any slot (r2, k2) whose rank lacks e and whose expert rank r lacks can make room.
+            fits = ~np.any(tl == e, axis=1)[:, None] & ~np.isin(tl, tl[r])
+            r2, k2 = np.unravel_index(np.where(fits, np.abs(per_replica[tl] - per_replica[e]), np.inf).argmin(),
+                                      tl.shape)
+            tl[r, k], tl[r2, k2] = tl[r2, k2], e
+            ld[r] += per_replica[tl[r, k]]
+            ld[r2] += per_replica[e] - per_replica[tl[r, k]]
+    return t
+
+
+def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
+    """Renumber the ranks of ``new`` so each keeps as many of its experts as it can from
+    the same rank of ``old`` (ranks are interchangeable, slots moved are not).
+
+    Mutually best (old, new) pairs by overlap are matched in rounds; a round without one
+    matches the largest remaining overlap. ``old, new [L, R, K]`` -> ``[L, R, K]``.
+    """
+    L, R, _ = new.shape
+    li = np.arange(L)[:, None, None]
+    ri = np.arange(R)[None, :, None]
+    h_old = np.zeros((L, R, num_experts), dtype=np.float32)
+    h_new = np.zeros((L, R, num_experts), dtype=np.float32)
+    h_old[li, ri, old] = 1
+    h_new[li, ri, new] = 1
+    overlap = h_old @ h_new.transpose(0, 2, 1)  # [L, R_old, R_new]
+    source = np.full((L, R), -1)  # source[l, old rank] = new rank placed there
+    for l in range(L):
+        ov = overlap[l].copy()
+        free_old, free_new = np.ones(R, dtype=bool), np.ones(R, dtype=bool)
+        while free_old.any():
+            ov[~free_old] = -1
+            ov[:, ~free_new] = -1
+            best_new = ov.argmax(axis=1)  # for each old rank
+            best_old = ov.argmax(axis=0)  # for each new rank
+            olds = np.flatnonzero(free_old & (best_old[best_new] == np.arange(R)))
+            if not olds.size:
+                olds = np.array([ov.max(axis=1).argmax()])
+            source[l, olds] = best_new[olds]
+            free_old[olds] = False
+            free_new[best_new[olds]] = False
+    return np.take_along_axis(new, source[:, :, None], axis=1)
+
+
+def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
+    """A placement computed from scratch, then moved as little as possible from ``old``:
+    replica counts and greedy packing on ``mean + z * sqrt(var)`` (DeepSeek's global
+    algorithm), the swap search to convergence, ranks renumbered to match ``old``.
+
+    ``old [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]`` (slot order not preserved).
+    """
+    L, R, K = old.shape
+    risk = mean if var is None else mean + z * np.sqrt(var)
+    start = separate_duplicates(deepseek_phy2log(risk, R, K).reshape(L, R, K), risk)
+    return align_ranks(old, refine(start, mean, var, z), mean.shape[1])
+
+
+def per_step_stats(table: np.ndarray, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-expert mean and variance over steps ``[L, E]`` each, from the per-slot series
+    ``[T, L, R, K]`` of ``table [L, R, K]`` (variance 0 when ``T = 1``)."""
+    from ..placement import num_experts_of, slot_to_expert_load
+
+    per_step = slot_to_expert_load(table, series, num_experts_of(table))  # [T, L, E]
+    return per_step.mean(axis=0), per_step.var(axis=0)

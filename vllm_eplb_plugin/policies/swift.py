@@ -1,0 +1,55 @@
+"""Migration-aware placement (the SwiftBalancer idea): repair the current table with as
+few slot changes as possible, and fall back to a fresh placement only where repair
+cannot get close to it.
+
+Repair: replica counts move to the min-max counts, each changed replica costing one slot
+(``recount``); then swaps between the costliest rank and any other, each taken only if it
+lowers that rank's load by more than ``min_gain`` of the mean rank load. The fresh
+placement is the ``optimal`` policy's, with ranks renumbered to keep experts in place.
+Per layer, repair wins unless its peak is more than ``slack`` above the fresh one; this is
+what lets the policy converge from any start (a linear start needs the fresh placement
+once, every later update is a repair). The fresh placement is only computed for layers
+whose repaired peak is more than ``slack`` above the lower bound, so a steady-state call
+costs about one repair.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..moves import preserve_slots
+from ..policy import Option, PlacementPolicy
+from .search import fresh_table, rank_cost, recount, refine, replica_counts
+
+__all__ = ["SwiftPolicy"]
+
+
+class SwiftPolicy(PlacementPolicy):
+    """Few moves per update, peak within ``slack`` of a fresh placement."""
+
+    name = "swift"
+    PARTNERS = 16  # swap partners tried per step: the 16 least loaded ranks (speed; see search.refine)
+    OPTIONS = {
+        "min_gain": Option(0.002, "A swap must lower the hottest rank's load by more than this fraction of the "
+                                  "mean rank load.", 0.0, 1.0),
+        "slack": Option(0.01, "Repair is kept while its peak is within this fraction of a fresh placement's.",
+                        0.0, 10.0),
+    }
+
+    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        L, R, K = table.shape
+        slack = 1 + self.options["slack"]
+        counts = replica_counts(expert_load, R, R * K)
+        mean_rank = expert_load.sum(axis=1) / R
+        bound = np.maximum(mean_rank, (expert_load / counts).max(axis=1))  # search.lower_bound, counts reused
+        target = refine(recount(table, counts, expert_load), expert_load,
+                        min_gain=self.options["min_gain"] * mean_rank, partners=self.PARTNERS)
+        peak = rank_cost(target, expert_load).max(axis=1)
+        far = np.flatnonzero(peak > slack * bound)
+        if far.size:
+            fresh = fresh_table(table[far], expert_load[far])
+            use = peak[far] > slack * rank_cost(fresh, expert_load[far]).max(axis=1)
+            target[far[use]] = fresh[use]
+        worse = rank_cost(target, expert_load).max(axis=1) >= rank_cost(table, expert_load).max(axis=1)
+        target[worse] = table[worse]
+        return preserve_slots(table, target)
