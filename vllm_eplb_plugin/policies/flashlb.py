@@ -15,7 +15,7 @@ import numpy as np
 
 from ..moves import preserve_slots
 from ..policy import Option, PlacementPolicy
-from .search import fresh_table, per_step_stats, rank_cost
+from .search import fresh_table, keep_if_not_better, per_step_stats
 
 __all__ = ["FlashLBPolicy"]
 
@@ -29,7 +29,4 @@ class FlashLBPolicy(PlacementPolicy):
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         z = self.options["z"]
         mean, var = per_step_stats(table, series)
-        target = fresh_table(table, mean, var, z)
-        worse = rank_cost(target, mean, var, z).max(axis=1) >= rank_cost(table, mean, var, z).max(axis=1)
-        target[worse] = table[worse]
-        return preserve_slots(table, target)
+        return preserve_slots(table, keep_if_not_better(table, fresh_table(table, mean, var, z), mean, var, z))

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..moves import preserve_slots
 from ..policy import PlacementPolicy
-from .search import fresh_table, rank_cost
+from .search import fresh_table, keep_if_not_better
 
 __all__ = ["OptimalPolicy"]
 
@@ -25,7 +25,4 @@ class OptimalPolicy(PlacementPolicy):
     name = "optimal"
 
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
-        target = fresh_table(table, expert_load)
-        worse = rank_cost(target, expert_load).max(axis=1) >= rank_cost(table, expert_load).max(axis=1)
-        target[worse] = table[worse]
-        return preserve_slots(table, target)
+        return preserve_slots(table, keep_if_not_better(table, fresh_table(table, expert_load), expert_load))

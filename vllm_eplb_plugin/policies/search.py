@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..moves import separate_duplicates
-from ..placement import logcnt
+from ..placement import logcnt, num_experts_of, slot_to_expert_load
 from .deepseek import deepseek_phy2log, replicate
 
 __all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "recount", "align_ranks", "fresh_table",
-           "per_step_stats"]
+           "per_step_stats", "keep_if_not_better"]
 
 
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
@@ -209,7 +209,13 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
 def per_step_stats(table: np.ndarray, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-expert mean and variance over steps ``[L, E]`` each, from the per-slot series
     ``[T, L, R, K]`` of ``table [L, R, K]`` (variance 0 when ``T = 1``)."""
-    from ..placement import num_experts_of, slot_to_expert_load
-
     per_step = slot_to_expert_load(table, series, num_experts_of(table))  # [T, L, E]
     return per_step.mean(axis=0), per_step.var(axis=0)
+
+
+def keep_if_not_better(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None,
+                       z: float = 0.0) -> np.ndarray:
+    """``new`` with every layer whose peak cost does not beat ``old``'s put back to ``old``
+    (no weights move for nothing). ``old, new [L, R, K]``, ``mean, var [L, E]``."""
+    worse = rank_cost(new, mean, var, z).max(axis=1) >= rank_cost(old, mean, var, z).max(axis=1)
+    return np.where(worse[:, None, None], old, new)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..moves import preserve_slots
 from ..policy import Option, PlacementPolicy
-from .search import fresh_table, rank_cost, recount, refine, replica_counts
+from .search import fresh_table, keep_if_not_better, rank_cost, recount, refine, replica_counts
 
 __all__ = ["SwiftPolicy"]
 
@@ -50,6 +50,4 @@ class SwiftPolicy(PlacementPolicy):
             fresh = fresh_table(table[far], expert_load[far])
             use = peak[far] > slack * rank_cost(fresh, expert_load[far]).max(axis=1)
             target[far[use]] = fresh[use]
-        worse = rank_cost(target, expert_load).max(axis=1) >= rank_cost(table, expert_load).max(axis=1)
-        target[worse] = table[worse]
-        return preserve_slots(table, target)
+        return preserve_slots(table, keep_if_not_better(table, target, expert_load))
