@@ -96,7 +96,7 @@ def test_compiled_server_counts_exact_heat_records_plans_and_keeps_greedy_tokens
     assert table.shape == (LAYERS, 2, 5)
     validate_table(table, EXPERTS)
     section = json.loads(record.read_text())["eplb"]
-    assert np.asarray(section["heat"]).shape == (LAYERS, EXPERTS) and section["policy"] == "deepseek"
+    assert np.asarray(section["heat"]).shape == (LAYERS, EXPERTS) and section["policy"] == "swift"
 
     with _serve(model, tmp_path, "compiled-off", eager=False) as server:
         off = _send(server)
