@@ -33,8 +33,10 @@ from typing import Callable
 import numpy as np
 
 from vllm_eplb_plugin import PolicyConfig, create_policy
-from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, rank_load, changed_slots
-from vllm_eplb_plugin.placement import InvalidExpertTable, validate_table
+from vllm_eplb_plugin.placement import (
+    InvalidExpertTable, changed_slots, default_table, expert_to_slot_load, num_experts_of, rank_load,
+    slot_to_expert_load, validate_table,
+)
 from vllm_eplb_plugin.policies.search import lower_bound
 
 from .traces import SHAPES, SKEWS, Shape, drifting_trace
@@ -124,9 +126,7 @@ def contenders() -> list[Contender]:
 def slot_heat(table: np.ndarray, slot_load: np.ndarray) -> np.ndarray:
     """Per-expert load ``[L, E]`` from per-slot load ``[L, R, K]`` (what a peer taking
     logical-expert weights is given)."""
-    from vllm_eplb_plugin.placement import slot_to_expert_load
-
-    return slot_to_expert_load(table, slot_load, int(table.max()) + 1)
+    return slot_to_expert_load(table, slot_load, num_experts_of(table))
 
 
 def step_imbalance(table: np.ndarray, steps: np.ndarray) -> np.ndarray:
