@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def _all_gather(values: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarr
     return torch.stack(out).numpy()
 
 
-def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     """Global ranks of ``group`` in group-rank order (names in errors are global ranks)."""
     if group is None:
         return list(range(dist.get_world_size()))
@@ -66,20 +67,24 @@ def verify_consistency(
     group: dist.ProcessGroup | None = None,
     *,
     what: str = "expert table",
-) -> None:
+    extra: Sequence[int] = (),
+) -> np.ndarray:
     """Raise :class:`InconsistentExpertTable` on every rank unless all hold ``table``.
 
     ``table [L, R, K]``. One all-gather of 4 int64 when the ranks agree; one more of
     ``[L]`` digests to find the first layer that differs when they do not. The majority
     table is the reference; the error lists the (global) ranks that differ from it.
+
+    ``extra`` ``[n]`` ints ride along in the same all-gather (e.g. how far each rank has
+    staged an update); returns them from every rank, ``[W, n]``.
     """
-    ranks = _group_ranks(group)
-    summaries = _all_gather(table_summary(table), group)
-    rows = [tuple(int(v) for v in row) for row in summaries]
+    ranks = group_ranks(group)
+    gathered = _all_gather(np.concatenate([table_summary(table), np.asarray(extra, dtype=np.int64)]), group)
+    rows = [tuple(int(v) for v in row[:4]) for row in gathered]
     ref = _reference(rows)
     odd = [ranks[i] for i, row in enumerate(rows) if row != ref]
     if not odd:
-        return
+        return gathered[:, 4:]
     holders = [ranks[i] for i, row in enumerate(rows) if row == ref]
     shapes = {tuple(row[:3]) for row in rows}
     if len(shapes) > 1:

@@ -3,15 +3,20 @@
 Shapes: ``L`` MoE layers, ``E`` logical experts, ``N`` token rows of a forward step, ``K``
 experts per token (top-k), ``T`` steps of the ring buffer.
 
-The counting path (:meth:`HeatCounter.count`, :meth:`HeatCounter.end_step`) uses tensor
-ops on preallocated buffers only: no host sync, no Python state that would be frozen
-when Dynamo traces the routing hook. The host sees the counts once per planning
-interval, in :meth:`HeatCounter.close_interval`.
+The counting path (:meth:`HeatCounter.begin_step`, :meth:`HeatCounter.count`,
+:meth:`HeatCounter.end_step`) works on preallocated buffers with no host sync. A traced
+forward (torch.compile, graph replay) only replays tensor ops, so there a device weight
+buffer arms the step (one op to arm, one per layer to count, one to disarm). An eager
+forward runs the hook's Python every time, so there a Python flag arms the step and a
+step whose rows all count costs one op per layer and nothing else. The host sees the
+counts once per planning interval, in :meth:`HeatCounter.close_interval`.
 
 Engine-agnostic: used by the vLLM integration and by the generic runtime.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -21,23 +26,31 @@ WINDOWS = ("sum", "ema", "steps")
 
 def _host(t: torch.Tensor) -> np.ndarray:
     # .cpu() of a CPU tensor is the tensor itself: copy, or the next in-place update
-    # (zero_, add_) would change what the caller holds.
+    # (zero_, index_add_) would change what the caller holds.
     return t.detach().to("cpu", copy=True).numpy()
 
 
 class HeatCounter:
     """Counts ``topk_ids`` per layer and keeps the window the planner asks for.
 
-    Buffers (all on ``device``):
+    Device buffers:
 
-    - ``row_weight`` ``[max_rows]`` int64: 1 for rows of the current step that count,
-      0 for padding, warm-up or filtered rows. Zero between steps, so a forward pass
-      nobody announced (profile, dummy, warm-up run) counts nothing.
-    - ``step`` ``[L, E]`` int64: counts of the current step.
+    - ``weight`` ``[max_rows, K]`` int64: 1 for the (row, choice) pairs of the current step
+      that count, 0 for padding, warm-up or filtered rows. Zero between steps, so a forward
+      pass nobody announced (profile, dummy, warm-up run) counts nothing.
     - ``interval`` ``[L, E]`` int64: counts since the last :meth:`close_interval`.
-    - ``total`` ``[L, E]`` int64: counts since start (for metrics; never reset).
-    - ``ema`` ``[L, E]`` float64 (window ``"ema"``): average over intervals.
-    - ``ring`` ``[T, L, E]`` int64 (window ``"steps"``): the last ``T`` steps.
+    - ``ring`` ``[T, L, E]`` int64 and ``step`` ``[L, E]`` (window ``"steps"`` only): the
+      last ``T`` steps, and the step being counted.
+
+    - ``ones`` ``[max_rows, K]`` int64 (``traced=False`` only): the weight of a step whose
+      rows all count.
+
+    Host state: counts of closed intervals (for :meth:`total_counts`) and, for window
+    ``"ema"``, the running average ``[L, E]`` float64.
+
+    ``traced``: whether the forward that calls :meth:`count` may be traced or replayed
+    (torch.compile, CUDA/NPU graphs). ``False`` is faster and only correct when every
+    forward runs :meth:`count` as Python.
     """
 
     def __init__(
@@ -45,56 +58,93 @@ class HeatCounter:
         num_layers: int,
         num_experts: int,
         max_rows: int,
+        top_k: int,
         *,
         window: str = "sum",
         ema_decay: float = 0.5,
         window_steps: int = 64,
+        traced: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
         if window not in WINDOWS:
             raise ValueError(f"heat window {window!r} is not one of {WINDOWS}")
-        self.num_layers, self.num_experts = num_layers, num_experts
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.window, self.ema_decay, self.window_steps = window, ema_decay, window_steps
         shape = (num_layers, num_experts)
-        self.row_weight = torch.zeros(max_rows, dtype=torch.int64, device=device)
-        self.step = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.traced = traced
+        self.weight = torch.zeros((max_rows, top_k), dtype=torch.int64, device=device)
+        self.ones = None if traced else torch.ones((max_rows, top_k), dtype=torch.int64, device=device)
+        self._source = self.weight  # what count() adds: weight, or ones for an all-rows eager step
         self.interval = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.total = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.ema = torch.zeros(shape, dtype=torch.float64, device=device) if window == "ema" else None
-        self.ring = (
-            torch.zeros((window_steps, *shape), dtype=torch.int64, device=device)
-            if window == "steps"
-            else None
-        )
+        self.ring = self.step = None
+        if window == "steps":
+            self.ring = torch.zeros((window_steps, *shape), dtype=torch.int64, device=device)
+            self.step = torch.zeros(shape, dtype=torch.int64, device=device)
+        # Counts go straight into the window's buffer, except for the ring, whose slot is a
+        # host-side position that a traced graph would freeze.
+        self._counts = self.step if self.step is not None else self.interval
+        # Eager counting skips building views per call (a few us each on a CPU): one row
+        # view per layer, and the flat weight source. Traced graphs keep plain indexing.
+        self._layer_counts = list(self._counts.unbind(0))
+        self._flat_source = self._source.view(-1)
+        self._ema: np.ndarray | None = None
+        self._closed = np.zeros(shape, dtype=np.int64)
+        self._lock = threading.Lock()  # total_counts() may run on a metrics thread
         self._armed = 0  # rows begin_step armed; end_step clears only those
-        self._ring_pos = 0  # host-side: advanced by end_step, which runs outside the model
+        self._ring_pos = 0
         self._ring_filled = 0
-        self._intervals = 0
         self.steps_in_interval = 0
+
+    def reserve(self, num_rows: int) -> None:
+        """Make room for steps of up to ``num_rows`` rows. For eager callers whose step
+        size is not known up front; a graph traced before would keep the old buffer."""
+        if num_rows > self.weight.shape[0]:
+            self.weight = torch.zeros((num_rows, self.top_k), dtype=torch.int64, device=self.weight.device)
+            self._source = self.weight
+            self._flat_source = self.weight.view(-1)
+            if self.ones is not None:
+                self.ones = torch.ones_like(self.weight)
 
     # -- forward path ---------------------------------------------------------------------
 
-    def begin_step(self, row_weight: torch.Tensor) -> None:
-        """Arm the counter for one step; ``row_weight`` ``[N]`` (bool or int, on device)."""
-        self._armed = row_weight.shape[0]
-        self.row_weight[: self._armed].copy_(row_weight)
+    def begin_step(self, num_rows: int, real_rows: torch.Tensor | None = None) -> None:
+        """Arm the counter for a step. ``real_rows`` ``[num_rows]`` bool on the device
+        marks the rows that count; ``None``: all of them.
+
+        Traced counting needs ``num_rows`` = every row of the step, padding included, and
+        the mask to exclude padding. Eager counting takes ``num_rows`` = the leading rows
+        that may count: rows after them (padding at the end) are sliced off, no mask needed.
+        """
+        self._armed = num_rows
+        if real_rows is not None:
+            self._source = self.weight
+            self.weight[:num_rows].copy_(real_rows.unsqueeze(1))
+        elif self.ones is not None:
+            self._source = self.ones
+        else:
+            self.weight[:num_rows].fill_(1)
+        self._flat_source = self._source.view(-1)
 
     def count(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Add one layer's routing of the current step; ``topk_ids`` ``[N, K]``."""
-        n, k = topk_ids.shape
-        weight = self.row_weight[:n].unsqueeze(1).expand(n, k)
-        self.step[layer].scatter_add_(0, topk_ids.reshape(-1).long(), weight.reshape(-1))
+        """Add one layer's routing of the current step; ``topk_ids`` ``[N, K]`` (int32 or int64)."""
+        if self.traced:
+            self._counts[layer].index_add_(0, topk_ids.reshape(-1), self._source[: topk_ids.shape[0]].view(-1))
+        elif self._armed:
+            ids = (topk_ids if topk_ids.shape[0] <= self._armed else topk_ids[: self._armed]).reshape(-1)
+            self._layer_counts[layer].index_add_(0, ids, self._flat_source[: ids.shape[0]])
 
     def end_step(self) -> None:
-        """Fold the step into the window and disarm the counter until the next step."""
-        self.interval.add_(self.step)
-        self.total.add_(self.step)
+        """Disarm the counter until the next step (and push the step into the ring)."""
+        if self._source is self.weight:
+            self.weight[: self._armed].zero_()
+        self._armed = 0
         if self.ring is not None:
+            assert self.step is not None
             self.ring[self._ring_pos].copy_(self.step)
+            self.interval.add_(self.step)
+            self.step.zero_()
             self._ring_pos = (self._ring_pos + 1) % self.window_steps
             self._ring_filled = min(self._ring_filled + 1, self.window_steps)
-        self.step.zero_()
-        self.row_weight[: self._armed].zero_()
         self.steps_in_interval += 1
 
     # -- planner side (host) --------------------------------------------------------------
@@ -106,23 +156,23 @@ class HeatCounter:
         average over intervals, the newest weighted ``1 - ema_decay``) or ``[T, L, E]``
         (window ``"steps"``: the last ``T`` steps, oldest first).
         """
+        with self._lock:
+            counts = _host(self.interval)
+            self.interval.zero_()
+            self._closed += counts
+        self.steps_in_interval = 0
         if self.window == "steps":
             assert self.ring is not None
             order = [(self._ring_pos - self._ring_filled + i) % self.window_steps for i in range(self._ring_filled)]
-            heat = _host(self.ring[order])
-        elif self.window == "ema":
-            assert self.ema is not None
-            decay = self.ema_decay if self._intervals else 0.0
-            self.ema.mul_(decay).add_(self.interval.double(), alpha=1.0 - decay)
-            heat = _host(self.ema)
-        else:
-            heat = _host(self.interval)
-        self.interval.zero_()
-        self.steps_in_interval = 0
-        self._intervals += 1
-        return heat
+            return _host(self.ring[order])
+        if self.window == "ema":
+            fresh = counts.astype(np.float64)
+            self._ema = fresh if self._ema is None else self.ema_decay * self._ema + (1.0 - self.ema_decay) * fresh
+            return self._ema.copy()
+        return counts
 
     def total_counts(self) -> np.ndarray:
         """Counts since start, ``[L, E]`` (a host copy; safe to call from another thread,
         which may see a step half-added)."""
-        return _host(self.total)
+        with self._lock:
+            return self._closed + _host(self.interval)

@@ -161,6 +161,13 @@ def _chained(first: Callable, second: Callable) -> Callable:
     return capture
 
 
+def _runs_eagerly(vllm_config: Any) -> bool:
+    """Whether every forward runs the capture hook's Python: no torch.compile and no
+    CUDA/NPU graph replay (then the heat counter may arm steps with a Python flag)."""
+    cc = vllm_config.compilation_config
+    return int(cc.mode) == 0 and str(getattr(cc.cudagraph_mode, "name", cc.cudagraph_mode)) in ("NONE", "None")
+
+
 def _moe_layers(model: torch.nn.Module) -> list[Any]:
     """The model's fused-MoE runners in layer order."""
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
@@ -192,9 +199,11 @@ class WorkerEplb:
             self.num_layers,
             self.num_experts,
             runner.max_num_tokens,
+            routers[0].top_k,
             window=config.heat_window,
             ema_decay=config.heat_ema_decay,
             window_steps=config.heat_window_steps,
+            traced=not _runs_eagerly(runner.vllm_config),
             device=runner.device,
         )
         for i, router in enumerate(routers):
@@ -223,8 +232,10 @@ class WorkerEplb:
             self.metrics = EplbMetrics()
             self.metrics.start_exporter(self.counter)  # daemon thread, ends with the worker
             logger.info(
-                "EPLB: collecting heat on %d MoE layers x %d experts (top-%d); table %s from %s (digest %x); %s",
-                self.num_layers, self.num_experts, routers[0].top_k, list(self.table.shape),
+                "EPLB: collecting heat on %d MoE layers x %d experts (top-%d, %s forward); table %s from %s "
+                "(digest %x); %s",
+                self.num_layers, self.num_experts, routers[0].top_k,
+                "traced" if self.counter.traced else "eager", list(self.table.shape),
                 config.expert_map_path or "vLLM's default placement", int(table_summary(self.table)[3]),
                 "planning every %d steps" % config.expert_heat_collection_interval if planning
                 else "vLLM's EplbState plans" if engine_eplb else "dynamic_eplb off: no planning",
@@ -246,18 +257,23 @@ class WorkerEplb:
     # -- forward path ------------------------------------------------------------------------
 
     def begin_step(self, runner: Any, positions: torch.Tensor) -> None:
-        """Arm the counter with this step's row weights: real, non-padding rows of the
-        configured stage. ``positions`` ``[N]`` (or ``[3, N]`` with M-RoPE) sizes the step."""
+        """Arm the counter for this step: real, non-padding rows of the configured stage.
+        ``positions`` ``[N]`` (or ``[3, N]`` with M-RoPE) sizes the step."""
+        stage = None
+        if self.config.heat_collection_stage != "all":
+            stage = self._stage_rows(runner, positions.shape[-1]).to(positions.device, non_blocking=True)
+        if not self.counter.traced:
+            # Padding rows come last; the runner's host state says where they start.
+            real = int(runner.query_start_loc.np[runner.input_batch.num_reqs])
+            self.counter.begin_step(real, None if stage is None else stage[:real])
+            return
         from vllm.forward_context import get_forward_context
 
         padding = get_forward_context().is_padding  # [N] bool on device; None: no padding
-        if padding is None:
-            weight = torch.ones(positions.shape[-1], dtype=torch.bool, device=positions.device)
-        else:
-            weight = ~padding
-        if self.config.heat_collection_stage != "all":
-            weight = weight & self._stage_rows(runner, weight.shape[0]).to(weight.device, non_blocking=True)
-        self.counter.begin_step(weight)
+        real_rows = None if padding is None else ~padding
+        if stage is not None:
+            real_rows = stage if real_rows is None else real_rows & stage
+        self.counter.begin_step(positions.shape[-1], real_rows)
 
     def _stage_rows(self, runner: Any, num_rows: int) -> torch.Tensor:
         """``[N]`` bool: rows of prefill (or decode) requests, from the runner's host state."""
