@@ -124,7 +124,7 @@ def main() -> None:
     rows = {
         "without EPLB": _stats(step_base[skip:].tolist()),
         "with EPLB, all steps": _stats(step_eplb[skip:].tolist()),
-        "with EPLB, steps that swapped an update in": _stats(step_eplb[swapped].tolist()),
+        "with EPLB, steps that swapped an update in": _stats(step_eplb[skip:][swapped[skip:]].tolist()),
         "with EPLB, other steps": _stats(step_eplb[skip:][~swapped[skip:]].tolist()),
     }
     result = {
