@@ -171,3 +171,23 @@ def test_a_rank_that_disconnects_does_not_block_the_others_and_may_come_back(sch
         send(c, {"type": "load", "round": 1, "layer": 0, "load": _skew(r)})
     msgs = [recv(c) for c in conns]
     assert all(m == msgs[0] for m in msgs) and msgs[0]["round"] == 1
+
+
+def test_auth_key_comes_from_the_flag_else_the_environment(monkeypatch):
+    from vllm_eplb_plugin.runtime.protocol import AuthKeyMissing, resolve_auth_key
+
+    monkeypatch.setenv("EPLB_AUTH_KEY", "from-env")
+    assert resolve_auth_key("from-flag") == b"from-flag"
+    assert resolve_auth_key(None) == b"from-env"
+    monkeypatch.delenv("EPLB_AUTH_KEY")
+    with pytest.raises(AuthKeyMissing, match="pass --auth_key or set EPLB_AUTH_KEY"):
+        resolve_auth_key("")
+
+
+def test_pool_refuses_a_module_without_blocks():
+    import torch
+
+    from vllm_eplb_plugin.runtime import construct_expert_info_transfer_pool
+
+    with pytest.raises(ValueError, match="no MoE block with both `expert_load_collector`"):
+        construct_expert_info_transfer_pool(torch.nn.Linear(2, 2), 0, None, "127.0.0.1", 1, "k")
