@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers.gloo import run_gloo
 from vllm_eplb_plugin.registry import create_policy
-from vllm_eplb_plugin.runtime.transfer import TransferPlan, execute_transfers, plan_transfers
+from vllm_eplb_plugin.runtime.transfer import execute_transfers, plan_transfers
 
 
 def test_hand_checked_plan():

@@ -34,8 +34,6 @@ import torch.distributed as dist
 from ..consistency import verify_consistency
 from ..placement import changed_slots, expert_maps, log2phy, logcnt, validate_table
 
-MODES = ("A2A", "AG", "EX")
-
 
 class DispatcherUpdate(NamedTuple):
     """What :meth:`DynamicDispatcher.update_module_weight_and_map` returns."""

@@ -87,7 +87,7 @@ class TransferPool:
         # Start-up differences (e.g. redundant slots being added) go through the same path
         # as plans, so they too apply on every rank at the same step.
         for layer, table in enumerate(init["table"]):
-            if np.asarray(table).shape != self.dispatchers[layer].table.shape or np.any(np.asarray(table) != self.dispatchers[layer].table):
+            if not np.array_equal(table, self.dispatchers[layer].table):
                 self._events.put({"type": "plan", "round": -1, "layer": layer, "table": table})
         for layer, collector in enumerate(self.collectors):
             collector.sink = lambda rnd, load, layer=layer: self._events.put(("load", layer, rnd, load))
