@@ -1,8 +1,8 @@
 """Cost of the heat collector on decode steps, with and without the plugin, same run.
 
 1. Real engine: the tiny Qwen3-MoE under `vllm serve` (TP=2, eager), plugin off and on
-   (dynamic_eplb off, so only the collector differs), alternated over several rounds so
-   that drift of a shared 2-core machine hits both alike; decode time per output token
+   (dynamic_eplb off, so only the collector differs), alternated over several rounds
+   (off-on, on-off, ...) so that drift and start order hit both alike; decode time per output token
    from single-request generations, median over all repeats of each side.
 2. Inside the engine, same server: a benchmark-only ``sitecustomize`` (never shipped)
    times the plugin's per-step work in each worker (arm, count per layer, disarm) against
@@ -129,7 +129,7 @@ def main() -> None:
         model = build_tiny_moe(work / "tiny-qwen3-moe")
         samples: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.rounds):
-            for plugin in (False, True):
+            for plugin in ((False, True) if r % 2 == 0 else (True, False)):  # ABBA: order effects cancel
                 got = engine_ms_per_token(model, work, plugin=plugin, repeats=args.repeats, tokens=args.tokens, port=args.port)
                 samples[plugin] += got
                 print(f"round {r + 1}/{args.rounds} plugin {'on ' if plugin else 'off'}: "
