@@ -100,6 +100,8 @@ def test_a2a_rebalances_several_times_and_flattens_rank_load(a2a):
     assert all(len(m) >= 3 for m in first["moves"]), f"slots moved by each plan, per layer: {first['moves']}\n{log}"
     loads = np.array(first["loads"])  # [steps, L] max / mean rank load
     half = len(loads) // 2
+    print("A2A: max/mean rank load at steps 0, half-1, half, last:", loads[[0, half - 1, half, -1]].round(3).tolist(),
+          "slots changed per plan:", first["moves"])
     assert loads[0].min() >= 2.0, f"start-up max/mean rank load {loads[0]}"
     assert loads[half - 10:half].max() <= 1.15, f"before the shift {loads[half - 10:half].max(axis=0)}\n{log}"
     assert loads[half].max() >= 1.5, f"right after the shift {loads[half]}"
@@ -108,6 +110,8 @@ def test_a2a_rebalances_several_times_and_flattens_rank_load(a2a):
 
 def test_ex_mode_never_moves_more_than_max_move():
     results, log = _e2e("EX", 60, "--max_move", "2")
+    print("EX: slots changed per applied plan, per layer:", results[0]["moves"],
+          "max/mean rank load, last step:", results[0]["loads"][-1])
     for r in results:
         assert r["pool_error"] is None and max(r["diffs"]) <= 1e-6
         moves = [m for layer in r["moves"] for m in layer]
@@ -116,6 +120,7 @@ def test_ex_mode_never_moves_more_than_max_move():
 
 def test_ag_mode_gives_the_a2a_outputs():
     results, log = _e2e("AG", 40)
+    print("AG: max |AG out - A2A ref| per rank:", [max(r["diffs"]) for r in results])
     for r in results:
         assert r["pool_error"] is None
         assert all(u >= 2 for u in r["updates"]), log
