@@ -36,13 +36,25 @@ BASE = ["--world_size", "4", "--port", "1", "--expert_num", "8", "--block_num", 
     (["--mode", "A2A"], None, "pass --auth_key or set EPLB_AUTH_KEY"),
     (["--mode", "EX"], "k", "--mode EX needs --max_move"),
     (["--mode", "A2A", "--max_move", "2"], "k", "--max_move applies to --mode EX only"),
-    (["--mode", "A2A", "--redundant", "3"], "k", "--redundant=3: 8 experts + 3 redundant slots must divide over --world_size=4"),
+    (["--mode", "A2A", "--redundant", "3"], "k",
+     "--redundant=3: 8 experts + 3 redundant slots must divide over --world_size=4 ranks; use e.g. --redundant 4"),
     (["--mode", "A2A", "--policy", "swiftt"], "k", "swiftt"),
     (["--mode", "XYZ"], "k", "invalid choice: 'XYZ'"),
 ])
 def test_cli_refuses_bad_flags_and_a_missing_key(args, key, message):
     done = _cli(*BASE, *args, key=key)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_cli_names_a_port_it_cannot_listen_on():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        done = _cli("--world_size", "4", "--port", port, "--expert_num", "8", "--block_num", "2", "--mode", "A2A", key="k")
+    assert done.returncode == 2 and f"cannot listen on --host 127.0.0.1 --port {port}" in done.stderr, done.stderr
 
 
 @pytest.fixture

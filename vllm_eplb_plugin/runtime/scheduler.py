@@ -34,7 +34,7 @@ from ..placement import changed_slots, expert_to_slot_load, logcnt, validate_tab
 from ..planner import check_plan
 from ..policy import PolicyConfig
 from ..registry import create_policy, resolve_policy_name
-from .protocol import AuthKeyMissing, ProtocolError, recv, resolve_auth_key, send
+from .protocol import ProtocolError, recv, resolve_auth_key, send
 
 logger = logging.getLogger("vllm_eplb_plugin.runtime")
 
@@ -72,10 +72,10 @@ class SchedulerConfig:
         if self.max_move is not None and self.max_move < 0:
             raise ValueError(f"--max_move={self.max_move} must be >= 0.")
         if self.redundant < 0 or (self.expert_num + self.redundant) % self.world_size:
+            fits = max(self.redundant, 0) + (-(self.expert_num + max(self.redundant, 0))) % self.world_size
             raise ValueError(
                 f"--redundant={self.redundant}: {self.expert_num} experts + {self.redundant} redundant slots must "
-                f"divide over --world_size={self.world_size} ranks; choose a multiple of {self.world_size} minus "
-                f"{self.expert_num % self.world_size or self.world_size} (or 0 if the experts divide)."
+                f"divide over --world_size={self.world_size} ranks; use e.g. --redundant {fits}."
             )
         if (self.expert_num + self.redundant) // self.world_size > self.expert_num:
             raise ValueError(f"--redundant={self.redundant} gives a rank more slots than there are experts.")
@@ -368,8 +368,10 @@ def main(argv: list[str] | None = None) -> None:
             auth_key=resolve_auth_key(args.auth_key),
         )
         scheduler = Scheduler(config)
-    except (AuthKeyMissing, ValueError, LookupError, ImportError) as exc:
+    except (ValueError, LookupError, ImportError) as exc:  # AuthKeyMissing is a ValueError
         ap.error(str(exc))
+    except OSError as exc:
+        ap.error(f"cannot listen on --host {args.host} --port {args.port}: {exc}; choose a free port")
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     try:
         scheduler.serve_forever()
