@@ -99,8 +99,10 @@ def _swap_ranks(rank: int, world: int, scenario: str) -> dict:
         out["weights"] = update.weight1[0, 0].item()
         out["list"] = update.local_expert_list
         out["reused"] = d.staging_buffers(3)[0] is first_weights  # the old weights are the next buffers
-    if scenario == "diverge" and rank == 1:
-        d.table = TABLE[::-1].copy()
+    if scenario == "diverge":
+        d.name = "expert table of MoE block 3"  # what the pool calls it
+        if rank == 1:
+            d.table = TABLE[::-1].copy()
     try:
         d.check_consistency()
         out["consistent"] = True
@@ -126,4 +128,5 @@ def test_no_rank_switches_until_every_rank_staged():
 def test_a_rank_with_another_table_is_named():
     results = run_gloo(_swap_ranks, 2, args=("diverge",))
     for r in results:
-        assert "ranks [1] disagree with ranks [0]; first layer that differs: 0" in r["consistent"]
+        assert r["consistent"].startswith("expert table of MoE block 3 differs across ranks: ranks [1] disagree "
+                                          "with ranks [0]; first layer that differs: 0")

@@ -106,6 +106,7 @@ class DynamicDispatcher:
             )
         self.expert_num, self.rank, self.ep_size, self.group = expert_num, rank_in_group, ep_size, group
         self.mode = "A2A"  # set by the transfer pool from the scheduler's mode
+        self.name = "expert table"  # the pool names the block: errors say which one
         self.table = table
         self.weights = (weight1, weight2)
         self.seq = 0  # updates applied
@@ -166,7 +167,7 @@ class DynamicDispatcher:
         set :attr:`update_flag` when every rank has staged the next update."""
         with self._lock:
             staged = self._staged.seq if self._staged is not None else self.seq
-        gathered = verify_consistency(self.table[None], self.group, what="expert table", extra=[staged])
+        gathered = verify_consistency(self.table[None], self.group, what=self.name, extra=[staged])
         self.update_flag = bool((gathered[:, 0] == self.seq + 1).all())
 
     def update_module_weight_and_map(self) -> DispatcherUpdate:

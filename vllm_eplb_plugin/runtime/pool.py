@@ -82,8 +82,8 @@ class TransferPool:
         return reply
 
     def start(self, init: dict) -> None:
-        for d in self.dispatchers:
-            d.mode = init["mode"]
+        for layer, d in enumerate(self.dispatchers):
+            d.mode, d.name = init["mode"], f"expert table of MoE block {layer}"
         # Start-up differences (e.g. redundant slots being added) go through the same path
         # as plans, so they too apply on every rank at the same step.
         for layer, table in enumerate(init["table"]):
