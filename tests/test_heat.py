@@ -80,8 +80,9 @@ def test_ema_window_weights_intervals():
     np.testing.assert_allclose(counter.close_interval(), [[0.25 * 2, 0.75 * 4]])
 
 
-def test_steps_window_keeps_last_steps_oldest_first():
-    counter = HeatCounter(1, 3, max_rows=4, top_k=1, window="steps", window_steps=2)
+@pytest.mark.parametrize("traced", [True, False])
+def test_steps_window_keeps_last_steps_oldest_first(traced):
+    counter = HeatCounter(1, 3, max_rows=4, top_k=1, window="steps", window_steps=2, traced=traced)
     one = np.ones(1, dtype=bool)
     for e in (0, 1, 2):
         _run(counter, [(np.array([[[e]]]), one)])

@@ -42,8 +42,8 @@ class HeatCounter:
     - ``ring`` ``[T, L, E]`` int64 and ``step`` ``[L, E]`` (window ``"steps"`` only): the
       last ``T`` steps, and the step being counted.
 
-    - ``ones`` ``[max_rows, K]`` int64 (``traced=False`` only): the weight of a step whose
-      rows all count.
+    - ``_flat_ones`` ``[max_rows * K]`` int64 (``traced=False`` only): the weights of a
+      step whose rows all count.
 
     Host state: counts of closed intervals (for :meth:`total_counts`) and, for window
     ``"ema"``, the running average ``[L, E]`` float64.
@@ -73,8 +73,6 @@ class HeatCounter:
         shape = (num_layers, num_experts)
         self.traced = traced
         self.weight = torch.zeros((max_rows, top_k), dtype=torch.int64, device=device)
-        self.ones = None if traced else torch.ones((max_rows, top_k), dtype=torch.int64, device=device)
-        self._source = self.weight  # what count() adds: weight, or ones for an all-rows eager step
         self.interval = torch.zeros(shape, dtype=torch.int64, device=device)
         self.ring = self.step = None
         if window == "steps":
@@ -83,10 +81,11 @@ class HeatCounter:
         # Counts go straight into the window's buffer, except for the ring, whose slot is a
         # host-side position that a traced graph would freeze.
         self._counts = self.step if self.step is not None else self.interval
-        # Eager counting skips building views per call (a few us each on a CPU): one row
-        # view per layer, and the flat weight source. Traced graphs keep plain indexing.
+        # Eager counting builds no views per call (each costs microseconds in a busy worker):
+        # one row view per layer, and the step's flat weights, sliced once when it is armed.
         self._layer_counts = list(self._counts.unbind(0))
-        self._flat_source = self._source.view(-1)
+        self._flat_ones = None if traced else torch.ones(max_rows * top_k, dtype=torch.int64, device=device)
+        self._step_weights = self.weight.view(-1)[:0]  # [n * K]: what count() adds this step (eager)
         self._ema: np.ndarray | None = None
         self._closed = np.zeros(shape, dtype=np.int64)
         self._lock = threading.Lock()  # total_counts() may run on a metrics thread
@@ -100,10 +99,8 @@ class HeatCounter:
         size is not known up front; a graph traced before would keep the old buffer."""
         if num_rows > self.weight.shape[0]:
             self.weight = torch.zeros((num_rows, self.top_k), dtype=torch.int64, device=self.weight.device)
-            self._source = self.weight
-            self._flat_source = self.weight.view(-1)
-            if self.ones is not None:
-                self.ones = torch.ones_like(self.weight)
+            if self._flat_ones is not None:
+                self._flat_ones = torch.ones(num_rows * self.top_k, dtype=torch.int64, device=self.weight.device)
 
     # -- forward path ---------------------------------------------------------------------
 
@@ -117,25 +114,27 @@ class HeatCounter:
         """
         self._armed = num_rows
         if real_rows is not None:
-            self._source = self.weight
             self.weight[:num_rows].copy_(real_rows.unsqueeze(1))
-        elif self.ones is not None:
-            self._source = self.ones
-        else:
+        elif self.traced:
             self.weight[:num_rows].fill_(1)
-        self._flat_source = self._source.view(-1)
+        if not self.traced:
+            flat = self._flat_ones if real_rows is None else self.weight.view(-1)
+            self._step_weights = flat[: num_rows * self.top_k]
 
     def count(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Add one layer's routing of the current step; ``topk_ids`` ``[N, K]`` (int32 or int64)."""
         if self.traced:
-            self._counts[layer].index_add_(0, topk_ids.reshape(-1), self._source[: topk_ids.shape[0]].view(-1))
+            self._counts[layer].index_add_(0, topk_ids.reshape(-1), self.weight[: topk_ids.shape[0]].view(-1))
         elif self._armed:
-            ids = (topk_ids if topk_ids.shape[0] <= self._armed else topk_ids[: self._armed]).reshape(-1)
-            self._layer_counts[layer].index_add_(0, ids, self._flat_source[: ids.shape[0]])
+            ids, weights = topk_ids.reshape(-1), self._step_weights
+            if ids.shape[0] != weights.shape[0]:  # padding rows after the armed ones
+                n = min(ids.shape[0], weights.shape[0])
+                ids, weights = ids[:n], weights[:n]
+            self._layer_counts[layer].index_add_(0, ids, weights)
 
     def end_step(self) -> None:
         """Disarm the counter until the next step (and push the step into the ring)."""
-        if self._source is self.weight:
+        if self.traced:  # eager steps read weights only while armed: nothing to clear
             self.weight[: self._armed].zero_()
         self._armed = 0
         if self.ring is not None:
