@@ -29,13 +29,15 @@ def draw(rows: list[dict], summary: list[dict], outdir: str) -> list[str]:
         values = [statistics.fmean([r["realized_imbalance"] for r in ok if r["shape"] == s and r["policy"] == name]
                                    or [float("nan")]) for s in shapes]
         ax.bar([x + (p - len(policies) / 2 + 0.5) * width for x in range(len(shapes))], values, width,
-               label=name, color=colors(p % 10), hatch=None if kinds[name] == "ours" else "//",
+               label=name, color="lightgrey" if kinds[name] == "reference" else colors(p % 10),
+               hatch={"ours": None, "peer": "//", "reference": ".."}[kinds[name]],
                edgecolor="black", linewidth=0.4)
     ax.set_xticks(range(len(shapes)), shapes)
     ax.set_ylabel("realized imbalance (max / mean rank load per step)")
     ax.set_ylim(1.0, None)
     ax.axhline(1.10, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_title("Realized imbalance on the next window, mean over skews (lower is better; hatched: peers)")
+    ax.set_title("Realized imbalance on the next window, mean over skews (lower is better; hatched: peers, "
+                 "dotted grey: hindsight and per-step bound)")
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
     bars = os.path.join(outdir, "realized_imbalance.png")
@@ -43,7 +45,7 @@ def draw(rows: list[dict], summary: list[dict], outdir: str) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8.5, 6))
-    for p, s in enumerate(s for s in summary if "realized_imbalance" in s):
+    for p, s in enumerate(s for s in summary if "moves_steady" in s):
         ours = s["kind"] == "ours"
         ax.scatter(s["moves_steady"], s["realized_imbalance"], s=80, color=colors(p % 10),
                    marker="o" if ours else "s", edgecolors="black", label=s["policy"])

@@ -13,6 +13,10 @@ window ``w + 1``. Metrics, per update, averaged over layers:
   reported apart from the steady-state updates that follow);
 - ms per call, and separately one call on the full DeepSeek-V3 shape (58 layers, EP32).
 
+Two reference rows per trace say what realized imbalance is reachable: the optimal policy
+fitted on the scored window itself (hindsight: drift costs it nothing), and the per-step
+lower bound (no policy can beat it).
+
 Peers are loaded at run time from their own code (see ``benchmarks/peers.py``).
 
     python -m benchmarks.policies [--quick] [--seed 0] [--json F] [--plots DIR]
@@ -170,6 +174,29 @@ def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
     }
 
 
+def references(shape: Shape, trace: np.ndarray) -> dict[str, float]:
+    """Realized imbalance on the windows the contenders are scored on (``trace
+    [W, T, L, E]``, windows 1..W-1) of
+
+    - ``hindsight``: the optimal policy fitted on the scored window itself. A reference,
+      not a bound: it knows the future, so the drift between windows costs it nothing,
+      and only the per-step noise inside the window remains;
+    - ``per-step lower bound``: a bound no policy can beat, the lower bound of each scored
+      step on its own, as if the table were re-placed every step knowing its counts.
+    """
+    W, T, L, E = trace.shape
+    policy = create_policy("optimal")
+    start = default_table(L, shape.ranks, shape.slots_per_rank, E)
+    hindsight, bound = [], []
+    for w in range(1, W):
+        fitted = policy.rebalance_experts(start, expert_to_slot_load(start, trace[w].sum(axis=0))).new_table
+        hindsight.append(float(step_imbalance(fitted, trace[w]).mean()))
+        mean = trace[w].sum(axis=2) / shape.ranks  # [T, L]
+        bound.append(float(np.mean([lower_bound(step, shape.ranks, shape.slots) for step in trace[w]] / mean)))
+    return {"hindsight (optimal fitted on the scored window)": statistics.fmean(hindsight),
+            "per-step lower bound": statistics.fmean(bound)}
+
+
 def time_full_shape(contender: Contender, trace: np.ndarray, repeat: int) -> float:
     """Median ms of one steady-state call on DeepSeek-V3's full shape (58 layers, EP32):
     the table is the contender's own plan for the previous window."""
@@ -228,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                     result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
                 rows.append({"shape": shape_name, "skew": skew, "policy": c.name, "kind": c.kind, **result})
                 _print_row(rows[-1])
+            for name, value in references(shape, trace).items():
+                rows.append({"shape": shape_name, "skew": skew, "policy": name, "kind": "reference",
+                             "realized_imbalance": value})
+                print(f"{shape_name:<18} {skew:<9} {name[:30]:<30} realized {value:.4f}", flush=True)
     full_trace = drifting_trace(256, 58, 2, 4, 256 * 32, 8, SKEWS["moderate"], args.drift, args.jitter,
                                 seed=args.seed)
     full = {}
@@ -268,7 +299,9 @@ def summarize(rows: list[dict], full: dict) -> list[dict]:
         ok = [r for r in mine if "error" not in r]
         line = {"policy": name, "kind": mine[0]["kind"], "cases": len(mine), "errors": len(mine) - len(ok),
                 "full_shape_ms": full.get(name)}
-        if ok:
+        if ok and mine[0]["kind"] == "reference":
+            line["realized_imbalance"] = round(statistics.fmean(r["realized_imbalance"] for r in ok), 4)
+        elif ok:
             line.update({
                 "realized_imbalance": round(statistics.fmean(r["realized_imbalance"] for r in ok), 4),
                 "fit_ratio": round(statistics.fmean(r["fit_ratio"] for r in ok), 4),
@@ -289,6 +322,10 @@ def print_summary(summary: list[dict]) -> None:
     for s in summary:
         if "realized_imbalance" not in s:
             print(f"{s['policy']:<30} failed on every case")
+            continue
+        if s["kind"] == "reference":
+            what = "a bound: no policy beats it" if "bound" in s["policy"] else "knows the scored window"
+            print(f"{s['policy'][:30]:<30} {s['realized_imbalance']:9.4f}   ({what})")
             continue
         v3 = s["full_shape_ms"]
         v3 = f"{v3:10.1f}" if isinstance(v3, float) else f"{'error':>10}"

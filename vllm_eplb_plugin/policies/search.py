@@ -75,7 +75,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
-    cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
+    cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))  # [n, ...]
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
         if not active.size:
@@ -86,11 +86,15 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         cost = cost_of(rank_m[a], rank_v[a])  # [n, R]
         order = np.argsort(cost, axis=1, kind="stable")
         i, j = order[:, -1], order[:, :J]  # costliest rank [n], partner ranks [n, J]
-        am, av = item_m[a, i][:, :, None, None], item_v[a, i][:, :, None, None]  # [n, K, 1, 1]
-        jm, jv = item_m[a[:, None], j][:, None], item_v[a[:, None], j][:, None]  # [n, 1, J, K]
-        new_i = cost_of(rank_m[a, i][:, None, None, None] - am + jm, rank_v[a, i][:, None, None, None] - av + jv)
-        rjm, rjv = rank_m[a[:, None], j][:, None, :, None], rank_v[a[:, None], j][:, None, :, None]
-        peak = np.maximum(new_i, cost_of(rjm - jm + am, rjv - jv + av))  # [n, K, J, K]
+        am = item_m[a, i][:, :, None, None]  # [n, K, 1, 1]
+        jm = item_m[a[:, None], j][:, None]  # [n, 1, J, K]
+        new_i = rank_m[a, i][:, None, None, None] - am + jm
+        new_j = rank_m[a[:, None], j][:, None, :, None] - jm + am
+        if z:  # the variance terms only when they count: they double the work of a step
+            av, jv = item_v[a, i][:, :, None, None], item_v[a[:, None], j][:, None]
+            new_i = cost_of(new_i, rank_v[a, i][:, None, None, None] - av + jv)
+            new_j = cost_of(new_j, rank_v[a[:, None], j][:, None, :, None] - jv + av)
+        peak = np.maximum(new_i, new_j)  # [n, K, J, K]
         ea, ej = t[a, i], t[a[:, None], j]  # [n, K], [n, J, K]
         bad = holds[a, i][rows[:, None, None], ej][:, None]  # rank i already holds the partner's expert
         bad = bad | holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # and vice versa

@@ -28,11 +28,11 @@ class SwiftPolicy(PlacementPolicy):
     """Few moves per update, peak within ``slack`` of a fresh placement."""
 
     name = "swift"
-    PARTNERS = 16  # swap partners tried per step: the 16 least loaded ranks (speed; see search.refine)
+    PARTNERS = 8  # swap partners tried per step: the 8 least loaded ranks (speed; see search.refine)
     OPTIONS = {
-        "min_gain": Option(0.002, "A swap must lower the hottest rank's load by more than this fraction of the "
+        "min_gain": Option(0.01, "A swap must lower the hottest rank's load by more than this fraction of the "
                                   "mean rank load.", 0.0, 1.0),
-        "slack": Option(0.01, "Repair is kept while its peak is within this fraction of a fresh placement's.",
+        "slack": Option(0.03, "Repair is kept while its peak is within this fraction of a fresh placement's.",
                         0.0, 10.0),
     }
 
