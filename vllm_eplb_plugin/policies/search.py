@@ -75,7 +75,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
-    cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))  # [n, ...]
+    cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
         if not active.size:
