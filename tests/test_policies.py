@@ -12,7 +12,9 @@ from vllm_eplb_plugin import PolicyConfig, create_policy
 from vllm_eplb_plugin.placement import (
     changed_slots, default_table, expert_to_slot_load, logcnt, rank_load, validate_table,
 )
-from vllm_eplb_plugin.policies.search import align_ranks, lower_bound, rank_cost, recount, refine, replica_counts
+from vllm_eplb_plugin.policies.search import (
+    align_ranks, lower_bound, move_replicas, rank_cost, recount, refine, replica_counts,
+)
 
 
 def brute_force_peak(w: np.ndarray, R: int, K: int) -> float:
@@ -46,9 +48,10 @@ def test_optimal_against_brute_force_and_the_bound_holds():
             assert ours >= exact - 1e-9  # nothing beats exhaustive search: checks the scorer
             gaps.append(ours / exact)
     gaps = np.array(gaps)
-    # Measured on these 30 cases: 21 exact, mean 2.4 % and worst 20 % above the optimum
-    # (greedy replica counts no swap can fix: 3 ranks x 2 slots leave little room).
-    assert np.sum(gaps <= 1 + 1e-9) >= 20 and gaps.mean() <= 1.03 and gaps.max() <= 1.21, gaps.round(3).tolist()
+    # Measured on these 30 cases: 23 exact, mean 0.9 % and worst 7.8 % above the optimum
+    # (swaps alone: 22 exact, mean 2.2 %, worst 20 %; the replica-slot moves fix counts the
+    # min-max rule got wrong; what is left needs two count changes at once).
+    assert np.sum(gaps <= 1 + 1e-9) >= 23 and gaps.mean() <= 1.01 and gaps.max() <= 1.08, gaps.round(3).tolist()
 
 
 def test_lower_bound_hand_checked():
@@ -72,6 +75,24 @@ def test_refine_never_raises_the_peak_and_keeps_counts():
         validate_table(out, E)
         assert np.array_equal(logcnt(out, E), logcnt(table, E))
         assert np.all(rank_cost(out, w).max(axis=1) <= rank_cost(table, w).max(axis=1) + 1e-9)
+
+
+def test_move_replicas_never_raises_the_peak_and_keeps_tables_valid():
+    rng = np.random.default_rng(5)
+    lowered = 0
+    for _ in range(30):
+        R, K = int(rng.integers(2, 7)), int(rng.integers(2, 5))
+        E = int(rng.integers(K, R * K + 1))
+        table = np.stack([default_table(1, R, K, E)[0][rng.permutation(R)] for _ in range(2)])
+        w = rng.zipf(1.6, (2, E)) * rng.integers(1, 50, (2, E)).astype(float)
+        swapped = refine(table, w)
+        out = move_replicas(table, w)
+        validate_table(out, E)
+        assert logcnt(out, E).max() <= R  # at most one replica per rank
+        before, after = rank_cost(swapped, w).max(axis=1), rank_cost(out, w).max(axis=1)
+        assert np.all(after <= before + 1e-9)
+        lowered += int(np.sum(after < before - 1e-9))
+    assert lowered >= 30  # measured: 36 of the 60 layers end lower than the swap search alone
 
 
 def test_recount_moves_one_slot_per_replica_gained():

@@ -4,7 +4,9 @@ the gap to the lower bound ``max(total / R, min over replica counts of max_e w_e
 Greedy packing leaves the last, heaviest-loaded rank where the last items happened to
 fall; swapping one replica of the costliest rank with one of another rank, while that
 lowers the peak, removes most of that gap (see ``benchmarks/policies.py`` for the fit
-ratios). Ranks are then renumbered to keep as many experts in place as possible, and a
+ratios). Moving a replica slot from one expert to another, when that lowers the peak,
+fixes replica counts that the min-max rule got wrong for packing (on small shapes:
+``tests/test_policies.py`` measures the gap to the brute-force optimum). Ranks are then renumbered to keep as many experts in place as possible, and a
 layer whose current table is already at least as good keeps it.
 """
 
@@ -25,4 +27,4 @@ class OptimalPolicy(PlacementPolicy):
     name = "optimal"
 
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
-        return preserve_slots(table, keep_if_not_better(table, fresh_table(table, expert_load), expert_load))
+        return preserve_slots(table, keep_if_not_better(table, fresh_table(table, expert_load, search_counts=True), expert_load))

@@ -15,8 +15,8 @@ from ..moves import separate_duplicates
 from ..placement import logcnt, num_experts_of, slot_to_expert_load
 from .deepseek import deepseek_phy2log, replicate
 
-__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "recount", "align_ranks", "fresh_table",
-           "per_step_stats", "keep_if_not_better"]
+__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "recount", "align_ranks",
+           "fresh_table", "per_step_stats", "keep_if_not_better"]
 
 
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
@@ -121,6 +121,57 @@ def _swap(t, item_m, item_v, rank_m, rank_v, holds, l, ri, k, rj, kj) -> None:
         rank[l, rj] += u - w
 
 
+def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = None) -> np.ndarray:
+    """Joint search over replica counts and packing: while it lowers the peak, move one
+    replica slot from one expert to another (the slot's rank drops a replica of ``b``,
+    ``c_b > 1``, and takes a new one of ``a``), then re-run the swap search.
+
+    The min-max counts of :func:`replica_counts` are not always best for packing: with few
+    slots per rank, one replica less on a hot expert can free a slot that pairs well
+    elsewhere. Only moves that lower the peak rank can lower the peak, so candidates are
+    (a held by the peak rank, any slot whose expert has spare replicas) and (a slot of
+    the peak rank, any expert); each is scored on every rank exactly. Replica counts
+    stay within ``[1, R]`` and no rank holds an expert twice.
+
+    ``table [L, R, K]``, ``mean [L, E]`` -> ``[L, R, K]``.
+    """
+    t = refine(table, mean)
+    L, R, K = t.shape
+    E = mean.shape[1]
+    for l in range(L):  # layer by layer: few layers get here, and each needs its own moves
+        w = mean[l]
+        for _ in range(max_moves if max_moves is not None else R * K):
+            tl = t[l]
+            cnt = np.bincount(tl.ravel(), minlength=E)
+            per = w / np.maximum(cnt, 1)
+            load = per[tl].sum(axis=1)  # [R]
+            holds = np.zeros((E, R), dtype=bool)
+            holds[tl, np.arange(R)[:, None]] = True
+            top = int(load.argmax())
+            gain = per - w / (cnt + 1)  # [E]: what each holder of a sheds if a gains a replica
+            lose = np.where(cnt > 1, w / np.maximum(cnt - 1, 1) - per, np.inf)  # [E]: what holders of b take on
+            slot_r, slot_k = np.nonzero(cnt[tl] > 1)  # slots that can give up their replica
+            peak_r = np.repeat(top, K)
+            a = np.concatenate([np.repeat(tl[top], len(slot_r)), np.tile(np.arange(E), K)])
+            r = np.concatenate([np.tile(slot_r, K), np.repeat(peak_r, E)])
+            k = np.concatenate([np.tile(slot_k, K), np.repeat(np.arange(K), E)])
+            b = tl[r, k]
+            ok = (cnt[a] < R) & ~holds[a, r] & (cnt[b] > 1)
+            a, r, k, b = a[ok], r[ok], k[ok], b[ok]
+            if not a.size:
+                break
+            new = load[None] - gain[a, None] * holds[a] + lose[b, None] * holds[b]  # [n, R]
+            n = np.arange(len(a))
+            new[n, r] = load[r] - per[b] + w[a] / (cnt[a] + 1)
+            peak = new.max(axis=1)
+            best = int(peak.argmin())
+            if peak[best] >= load[top] * (1 - 1e-12):
+                break
+            tl[r[best], k[best]] = a[best]
+            t[l] = refine(tl[None], w[None])[0]
+    return t
+
+
 def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Change replica counts to ``counts [L, E]`` moving one slot per replica gained.
 
@@ -197,17 +248,25 @@ def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarra
     return np.take_along_axis(new, source[:, :, None], axis=1)
 
 
-def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
+def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
+                search_counts: bool = False) -> np.ndarray:
     """A placement computed from scratch, then moved as little as possible from ``old``:
     replica counts and greedy packing on ``mean + z * sqrt(var)`` (DeepSeek's global
-    algorithm), the swap search to convergence, ranks renumbered to match ``old``.
+    algorithm), the swap search to convergence (with ``search_counts``, and ``z = 0``:
+    also over replica counts, :func:`move_replicas`), ranks renumbered to match ``old``.
 
     ``old [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]`` (slot order not preserved).
     """
     L, R, K = old.shape
     risk = mean if var is None else mean + z * np.sqrt(var)
     start = separate_duplicates(deepseek_phy2log(risk, R, K).reshape(L, R, K), risk)
-    return align_ranks(old, refine(start, mean, var, z), mean.shape[1])
+    placed = refine(start, mean, var, z)
+    if search_counts and not z:
+        # Only layers the swaps left above the bound have anything to gain.
+        gap = np.flatnonzero(rank_cost(placed, mean).max(axis=1) > 1.001 * lower_bound(mean, R, R * K))
+        if gap.size:
+            placed[gap] = move_replicas(placed[gap], mean[gap])
+    return align_ranks(old, placed, mean.shape[1])
 
 
 def per_step_stats(table: np.ndarray, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
