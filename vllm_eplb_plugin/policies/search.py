@@ -15,8 +15,8 @@ from ..moves import separate_duplicates
 from ..placement import logcnt, num_experts_of, slot_to_expert_load
 from .deepseek import deepseek_phy2log, replicate
 
-__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "recount", "align_ranks",
-           "fresh_table", "per_step_stats", "keep_if_not_better"]
+__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "pairing_counts", "pair_table",
+           "recount", "align_ranks", "fresh_table", "per_step_stats", "keep_if_not_better"]
 
 
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
@@ -172,6 +172,56 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
     return t
 
 
+def _pairing_peak(items: np.ndarray) -> np.ndarray:
+    """Smallest max pair sum over pairings of ``items [..., 2R]``: largest with smallest."""
+    a = np.sort(items, axis=-1)
+    return (a + a[..., ::-1]).max(axis=-1)
+
+
+def pairing_counts(weight: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Replica counts ``[L, E]`` for two slots per rank, chosen for the pairing.
+
+    With ``K = 2`` a rank's load is a pair sum, and for given counts the best tables pair
+    the largest replica with the smallest (sorted pairing). The min-max counts of
+    :func:`replica_counts` make mid-sized replicas that pair badly; here each extra replica
+    goes, one at a time, to the expert that leaves the lowest sorted-pairing peak (slots
+    not yet given count as empty; ties go to the smallest load per replica). On skewed
+    layers this leaves mid-sized experts whole and splits cold ones into small partners
+    for them (measured against the exact optimum in ``benchmarks/pairing_bound.py``).
+    ``weight [L, E]`` -> ``[L, E]``.
+    """
+    L, E = weight.shape
+    S = 2 * num_ranks
+    counts = np.ones((L, E), dtype=np.int64)
+    owner = np.broadcast_to(np.r_[np.arange(E), np.full(S - E, -1)], (L, S)).copy()  # [L, S], -1: empty
+    items = np.where(owner >= 0, np.take_along_axis(weight, np.maximum(owner, 0), axis=1), 0.0)  # [L, S]
+    mine = owner[:, None, :] == np.arange(E)[None, :, None]  # [L, E, S]: slots of each candidate
+    rows = np.arange(L)
+    for free in range(E, S):
+        split = weight / (counts + 1)  # [L, E]
+        trial = np.where(mine, split[..., None], items[:, None, :])
+        trial[:, :, free] = split
+        peak = np.where(counts < num_ranks, _pairing_peak(trial), np.inf)  # [L, E]
+        tied = peak <= peak.min(axis=1, keepdims=True) * (1 + 1e-12)
+        pick = np.where(tied, -(weight / counts), -np.inf).argmax(axis=1)  # ties: split the coldest
+        counts[rows, pick] += 1
+        mine[rows, pick, free] = True
+        items = np.where(mine[rows, pick], split[rows, pick][:, None], items)
+    return counts
+
+
+def pair_table(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Sorted pairing of the replicas of ``counts [L, E]`` onto ``num_ranks`` ranks of two
+    slots: rank ``r`` takes the ``r``-th largest and the ``r``-th smallest replica; a
+    rank left holding one expert twice swaps with a neighbour. ``-> [L, R, 2]``."""
+    L, E = weight.shape
+    owner = np.stack([np.repeat(np.arange(E), c) for c in counts])  # [L, 2R]
+    size = np.take_along_axis(weight / counts, owner, axis=1)
+    owner = np.take_along_axis(owner, np.argsort(-size, axis=1, kind="stable"), axis=1)
+    table = np.stack([owner[:, :num_ranks], owner[:, ::-1][:, :num_ranks]], axis=-1)
+    return separate_duplicates(table, weight)
+
+
 def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Change replica counts to ``counts [L, E]`` moving one slot per replica gained.
 
@@ -262,6 +312,10 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     start = separate_duplicates(deepseek_phy2log(risk, R, K).reshape(L, R, K), risk)
     placed = refine(start, mean, var, z)
     if search_counts and not z:
+        if K == 2:  # pairs: counts chosen for the pairing often beat the min-max counts
+            paired = refine(pair_table(mean, pairing_counts(mean, R), R), mean)
+            better = rank_cost(paired, mean).max(axis=1) < rank_cost(placed, mean).max(axis=1)
+            placed[better] = paired[better]
         # Only layers the swaps left above the bound have anything to gain.
         gap = np.flatnonzero(rank_cost(placed, mean).max(axis=1) > 1.001 * lower_bound(mean, R, R * K))
         if gap.size:
