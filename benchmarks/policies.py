@@ -118,6 +118,7 @@ def contenders() -> list[Contender]:
     return [
         Contender("deepseek", "ours", _ours("deepseek")),
         Contender("optimal", "ours", _ours("optimal")),
+        Contender("optimal pairing", "ours", _ours("optimal", pairing=True)),
         Contender("swift", "ours", _ours("swift")),
         Contender("flashlb", "ours", _ours("flashlb")),
         Contender("optimal max_move=5%", "ours", _ours("optimal", max_move_fraction=0.05)),
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jitter", type=float, default=0.1, help="std of the per-step log-popularity noise")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     parser.add_argument("--only", default=None, help="comma-separated contender names (default: all)")
-    parser.add_argument("--full-repeat", type=int, default=3, help="calls timed on the full DeepSeek-V3 shape")
+    parser.add_argument("--full-repeat", type=int, default=7, help="calls timed on the full DeepSeek-V3 shape (median)")
     parser.add_argument("--quick", action="store_true", help="2 layers, 3 windows, 8 steps: a smoke run")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")

@@ -35,7 +35,9 @@ def brute_force_peak(w: np.ndarray, R: int, K: int) -> float:
 TINY = [(3, 2, 4), (3, 2, 5), (2, 3, 4), (4, 2, 5), (3, 3, 6)]  # (R, K, E)
 
 
-def test_optimal_against_brute_force_and_the_bound_holds():
+@pytest.mark.parametrize("pairing", [False, True])
+def test_optimal_against_brute_force_and_the_bound_holds(pairing):
+    policy = create_policy("optimal", PolicyConfig(options={"pairing": pairing}))
     gaps = []
     for R, K, E in TINY:
         rng = np.random.default_rng(R * 100 + K * 10 + E)
@@ -43,16 +45,17 @@ def test_optimal_against_brute_force_and_the_bound_holds():
             w = rng.zipf(1.6, E).astype(float) * rng.integers(1, 50, E)
             exact = brute_force_peak(w, R, K)
             table = default_table(1, R, K, E)
-            new = create_policy("optimal").rebalance_experts(table, expert_to_slot_load(table, w[None])).new_table
+            new = policy.rebalance_experts(table, expert_to_slot_load(table, w[None])).new_table
             ours = rank_load(new, w[None]).max()
             assert lower_bound(w[None], R, R * K)[0] <= exact + 1e-9  # a true lower bound
             assert ours >= exact - 1e-9  # nothing beats exhaustive search: checks the scorer
             gaps.append(ours / exact)
     gaps = np.array(gaps)
-    # Measured on these 30 cases: 26 exact, mean 0.7 % and worst 7.8 % above the optimum
-    # (swaps alone: 22 exact, mean 2.2 %, worst 20 %; the replica-slot moves and, with two
-    # slots per rank, the pairing counts fix counts the min-max rule got wrong).
-    assert np.sum(gaps <= 1 + 1e-9) >= 26 and gaps.mean() <= 1.008 and gaps.max() <= 1.08, gaps.round(3).tolist()
+    # Measured on these 30 cases: 23 exact, mean 0.9 %, worst 7.8 % above the optimum; with
+    # pairing 26 exact, mean 0.7 % (swaps alone: 22 exact, mean 2.2 %, worst 20 %). The
+    # replica-slot moves and the pairing counts fix counts the min-max rule got wrong.
+    exact_cases, mean_gap = (26, 1.008) if pairing else (23, 1.01)
+    assert np.sum(gaps <= 1 + 1e-9) >= exact_cases and gaps.mean() <= mean_gap and gaps.max() <= 1.08, gaps.round(3)
 
 
 def test_lower_bound_hand_checked():

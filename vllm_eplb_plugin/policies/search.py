@@ -299,11 +299,13 @@ def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarra
 
 
 def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
-                search_counts: bool = False) -> np.ndarray:
+                search_counts: bool = False, pairing: bool = False) -> np.ndarray:
     """A placement computed from scratch, then moved as little as possible from ``old``:
     replica counts and greedy packing on ``mean + z * sqrt(var)`` (DeepSeek's global
     algorithm), the swap search to convergence (with ``search_counts``, and ``z = 0``:
-    also over replica counts, :func:`move_replicas`), ranks renumbered to match ``old``.
+    also over replica counts, :func:`move_replicas`; with ``pairing`` and two slots per
+    rank, also from :func:`pairing_counts` where that is better), ranks renumbered to
+    match ``old``.
 
     ``old [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]`` (slot order not preserved).
     """
@@ -312,7 +314,7 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     start = separate_duplicates(deepseek_phy2log(risk, R, K).reshape(L, R, K), risk)
     placed = refine(start, mean, var, z)
     if search_counts and not z:
-        if K == 2:  # pairs: counts chosen for the pairing often beat the min-max counts
+        if pairing and K == 2:
             paired = refine(pair_table(mean, pairing_counts(mean, R), R), mean)
             better = rank_cost(paired, mean).max(axis=1) < rank_cost(placed, mean).max(axis=1)
             placed[better] = paired[better]
