@@ -6,17 +6,31 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from vllm_eplb_plugin import EplbPolicy, PlacementPolicy, PolicyResult, available_policies
 from vllm_eplb_plugin.conformance import run_conformance
+from vllm_eplb_plugin.policies.optimal import OptimalPolicy
 
 
 @pytest.mark.parametrize("name", sorted(available_policies()))
 def test_every_installed_policy_passes(name):
     report = run_conformance(name, examples=int(os.environ.get("EPLB_CONFORMANCE_EXAMPLES", "500")))
+    assert report.ok, report.format()
+
+
+class OptimalPairing(OptimalPolicy):
+    """``optimal`` with its non-default option on: the pairing counts path."""
+
+    name = "optimal-pairing"
+    OPTIONS = {**OptimalPolicy.OPTIONS, "pairing": replace(OptimalPolicy.OPTIONS["pairing"], default=True)}
+
+
+def test_optimal_with_pairing_passes():
+    report = run_conformance(OptimalPairing, examples=int(os.environ.get("EPLB_CONFORMANCE_EXAMPLES", "500")))
     assert report.ok, report.format()
 
 
