@@ -44,17 +44,24 @@ def draw(rows: list[dict], summary: list[dict], outdir: str) -> list[str]:
     fig.savefig(bars, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8.5, 6))
-    for p, s in enumerate(s for s in summary if "moves_steady" in s):
-        ours = s["kind"] == "ours"
-        ax.scatter(s["moves_steady"], s["realized_imbalance"], s=80, color=colors(p % 10),
-                   marker="o" if ours else "s", edgecolors="black", label=s["policy"])
-        ax.annotate(s["policy"], (s["moves_steady"], s["realized_imbalance"]), fontsize=8,
-                    xytext=(5, 4), textcoords="offset points")
-    ax.set_xlabel("moves per update (fraction of slots, after the first update)")
-    ax.set_ylabel("realized imbalance, suite mean")
-    ax.set_title("Weight moves vs balance (down-left is better; circles: ours, squares: peers)")
-    ax.grid(alpha=0.3)
+    # Left: every policy; right: the same points zoomed on the best-balanced cluster, where
+    # most policies sit within a few tenths of a percent of each other.
+    points = [s for s in summary if "moves_steady" in s]
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.3]})
+    for p, s in enumerate(points):
+        for a in (ax, zoom):
+            a.scatter(s["moves_steady"], s["realized_imbalance"], s=80, color=colors(p % 10),
+                      marker="o" if s["kind"] == "ours" else "s", edgecolors="black",
+                      label=s["policy"] if a is zoom else None)
+    best = min(s["realized_imbalance"] for s in points)
+    zoom.set_ylim(best - 0.002, best * 1.015)
+    zoom.set_title("zoom: within 1.5 % of the best realized imbalance")
+    zoom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Weight moves vs balance (down-left is better;\ncircles: ours, squares: peers)")
+    for a in (ax, zoom):
+        a.set_xlabel("moves per update (fraction of slots, after the first update)")
+        a.set_ylabel("realized imbalance, suite mean")
+        a.grid(alpha=0.3)
     fig.tight_layout()
     scatter = os.path.join(outdir, "moves_vs_imbalance.png")
     fig.savefig(scatter, dpi=110)

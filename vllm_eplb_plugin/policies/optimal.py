@@ -6,7 +6,9 @@ fall; swapping one replica of the costliest rank with one of another rank, while
 lowers the peak, removes most of that gap (see ``benchmarks/policies.py`` for the fit
 ratios). Moving a replica slot from one expert to another, when that lowers the peak,
 fixes replica counts that the min-max rule got wrong for packing (on small shapes:
-``tests/test_policies.py`` measures the gap to the brute-force optimum). Ranks are then renumbered to keep as many experts in place as possible, and a
+``tests/test_policies.py`` measures the gap to the brute-force optimum). Option
+``pairing``: with two slots per rank, also try counts chosen for the sorted pairing
+(``search.pairing_counts``; see README for why it is off by default). Ranks are then renumbered to keep as many experts in place as possible, and a
 layer whose current table is already at least as good keeps it.
 """
 

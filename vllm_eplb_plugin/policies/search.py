@@ -213,7 +213,8 @@ def pairing_counts(weight: np.ndarray, num_ranks: int) -> np.ndarray:
 def pair_table(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> np.ndarray:
     """Sorted pairing of the replicas of ``counts [L, E]`` onto ``num_ranks`` ranks of two
     slots: rank ``r`` takes the ``r``-th largest and the ``r``-th smallest replica; a
-    rank left holding one expert twice swaps with a neighbour. ``-> [L, R, 2]``."""
+    rank left holding one expert twice swaps one of them for the replica of closest load
+    elsewhere (:func:`separate_duplicates`). ``-> [L, R, 2]``."""
     L, E = weight.shape
     owner = np.stack([np.repeat(np.arange(E), c) for c in counts])  # [L, 2R]
     size = np.take_along_axis(weight / counts, owner, axis=1)
