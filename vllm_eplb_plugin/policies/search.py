@@ -315,12 +315,15 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     start = separate_duplicates(deepseek_phy2log(risk, R, K).reshape(L, R, K), risk)
     placed = refine(start, mean, var, z)
     if search_counts and not z:
+        peak = rank_cost(placed, mean).max(axis=1)
         if pairing and K == 2:
             paired = refine(pair_table(mean, pairing_counts(mean, R), R), mean)
-            better = rank_cost(paired, mean).max(axis=1) < rank_cost(placed, mean).max(axis=1)
+            paired_peak = rank_cost(paired, mean).max(axis=1)
+            better = paired_peak < peak
             placed[better] = paired[better]
+            peak = np.minimum(peak, paired_peak)
         # Only layers the swaps left above the bound have anything to gain.
-        gap = np.flatnonzero(rank_cost(placed, mean).max(axis=1) > 1.001 * lower_bound(mean, R, R * K))
+        gap = np.flatnonzero(peak > 1.001 * lower_bound(mean, R, R * K))
         if gap.size:
             placed[gap] = move_replicas(placed[gap], mean[gap])
     return align_ranks(old, placed, mean.shape[1])
