@@ -1,14 +1,16 @@
-"""Near-optimal placement: DeepSeek's greedy as a start, then a swap search that closes
+"""Near-optimal placement: DeepSeek's greedy as a start, then local searches that close
 the gap to the lower bound ``max(total / R, min over replica counts of max_e w_e / c_e)``.
 
 Greedy packing leaves the last, heaviest-loaded rank where the last items happened to
 fall; swapping one replica of the costliest rank with one of another rank, while that
 lowers the peak, removes most of that gap (see ``benchmarks/policies.py`` for the fit
-ratios). Moving a replica slot from one expert to another, when that lowers the peak,
-fixes replica counts that the min-max rule got wrong for packing (on small shapes:
-``tests/test_policies.py`` measures the gap to the brute-force optimum). Option
-``pairing``: with two slots per rank, also try counts chosen for the sorted pairing
-(``search.pairing_counts``; see README for why it is off by default). Ranks are then renumbered to keep as many experts in place as possible, and a
+ratios). On layers still more than 0.1 % above the bound: two-for-two swaps, for peaks
+no single exchange can shave, and moving a replica slot from one expert to another, for
+replica counts the min-max rule got wrong for packing (``tests/test_policies.py``
+measures both against exhaustive search on small cases). Option ``pairing``: with two
+slots per rank, also try counts searched on the exact sorted-pairing peak
+(``search.pairing_counts``, ``search.pairing_search``; see README for why it is off by
+default). Ranks are then renumbered to keep as many experts in place as possible, and a
 layer whose current table is already at least as good keeps it.
 """
 
@@ -28,9 +30,9 @@ class OptimalPolicy(PlacementPolicy):
 
     name = "optimal"
     OPTIONS = {
-        "pairing": Option(False, "With two slots per rank, also try replica counts chosen for the pairing "
-                                 "(lowest peak on the fitted window; in the benchmark's drifting traces the next "
-                                 "window realizes 0.1-1 % worse than with the min-max counts)."),
+        "pairing": Option(False, "With two slots per rank, also try replica counts searched on the sorted "
+                                 "pairing (lowest peak on the fitted window; in the benchmark's drifting traces the "
+                                 "next window realizes worse than with the min-max counts, and a call is slower)."),
     }
 
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ from ..moves import separate_duplicates
 from ..placement import logcnt, num_experts_of, slot_to_expert_load
 from .deepseek import deepseek_phy2log, replicate
 
-__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "pairing_counts", "pair_table",
-           "recount", "align_ranks", "fresh_table", "per_step_stats", "keep_if_not_better"]
+__all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "swap_pairs", "pairing_counts",
+           "pairing_search", "pair_table", "recount", "align_ranks", "fresh_table", "per_step_stats",
+           "keep_if_not_better"]
 
 
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
@@ -121,21 +122,28 @@ def _swap(t, item_m, item_v, rank_m, rank_v, holds, l, ri, k, rj, kj) -> None:
         rank[l, rj] += u - w
 
 
-def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = None) -> np.ndarray:
+LOOKAHEAD = 8
+"""Count moves :func:`move_replicas` re-packs before it gives up on a layer."""
+
+
+def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = None,
+                  good_enough: np.ndarray | None = None) -> np.ndarray:
     """Joint search over replica counts and packing: while it lowers the peak, move one
     replica slot from one expert to another (the slot's rank drops a replica of ``b``,
-    ``c_b > 1``, and takes a new one of ``a``), then re-run the swap search.
+    ``c_b > 1``, and takes a new one of ``a``), then re-run the swap searches
+    (:func:`swap_pairs`). A layer stops early once its peak is ``<= good_enough [L]``.
 
     The min-max counts of :func:`replica_counts` are not always best for packing: with few
     slots per rank, one replica less on a hot expert can free a slot that pairs well
     elsewhere. Only moves that lower the peak rank can lower the peak, so candidates are
     (a held by the peak rank, any slot whose expert has spare replicas) and (a slot of
-    the peak rank, any expert); each is scored on every rank exactly. Replica counts
-    stay within ``[1, R]`` and no rank holds an expert twice.
+    the peak rank, any expert); each is scored on every rank exactly, and when none
+    lowers the peak by itself the ``LOOKAHEAD`` best are re-packed before giving up.
+    Replica counts stay within ``[1, R]`` and no rank holds an expert twice.
 
     ``table [L, R, K]``, ``mean [L, E]`` -> ``[L, R, K]``.
     """
-    t = refine(table, mean)
+    t = swap_pairs(table, mean)
     L, R, K = t.shape
     E = mean.shape[1]
     for l in range(L):  # layer by layer: few layers get here, and each needs its own moves
@@ -148,6 +156,8 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
             holds = np.zeros((E, R), dtype=bool)
             holds[tl, np.arange(R)[:, None]] = True
             top = int(load.argmax())
+            if good_enough is not None and load[top] <= good_enough[l]:
+                break
             gain = per - w / (cnt + 1)  # [E]: what each holder of a sheds if a gains a replica
             lose = np.where(cnt > 1, w / np.maximum(cnt - 1, 1) - per, np.inf)  # [E]: what holders of b take on
             slot_r, slot_k = np.nonzero(cnt[tl] > 1)  # slots that can give up their replica
@@ -164,10 +174,64 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
             n = np.arange(len(a))
             new[n, r] = load[r] - per[b] + w[a] / (cnt[a] + 1)
             peak = new.max(axis=1)
-            best = int(peak.argmin())
-            if peak[best] >= load[top] * (1 - 1e-12):
+            # A move that does not lower the peak by itself can after re-packing: the few
+            # most promising are re-packed and the first that ends lower is taken.
+            for c in np.argsort(peak, kind="stable")[:LOOKAHEAD]:
+                trial = tl.copy()
+                trial[r[c], k[c]] = a[c]
+                trial = swap_pairs(trial[None], w[None])[0]
+                if (w / np.bincount(trial.ravel(), minlength=E))[trial].sum(axis=1).max() < load[top] * (1 - 1e-12):
+                    t[l] = trial
+                    break
+            else:
                 break
-            tl[r[best], k[best]] = a[best]
+    return t
+
+
+def swap_pairs(table: np.ndarray, mean: np.ndarray, max_swaps: int | None = None) -> np.ndarray:
+    """Two-for-two swap search: while it lowers the peak, exchange two replicas of the
+    most loaded rank with two of another rank (the pair of ranks' larger load as low as
+    possible), running the one-for-one search (:func:`refine`) after each exchange.
+
+    One-for-one swaps stall when every single exchange overshoots: the peak rank needs to
+    shed a load no single replica difference matches. With ``C(K, 2)`` pairs per rank, the
+    two-for-two exchanges offer ``C(K, 2)**2`` differences per pair of ranks, which evens
+    out layers the one-for-one search leaves a few tenths of a percent above the bound.
+    Replica counts never change; no rank ends up holding an expert twice.
+
+    ``table [L, R, K]``, ``mean [L, E]`` -> ``[L, R, K]``.
+    """
+    t = refine(table, mean)
+    L, R, K = t.shape
+    if K < 2 or R < 2:
+        return t
+    pi, pj = np.triu_indices(K, 1)  # [m]: the slot pairs of a rank
+    for l in range(L):  # layer by layer: used on the few layers the other searches leave above the bound
+        w = mean[l]
+        for _ in range(max_swaps if max_swaps is not None else R * K):
+            tl = t[l]
+            item = (w / np.bincount(tl.ravel(), minlength=len(w)))[tl]  # [R, K]
+            load = item.sum(axis=1)
+            top = int(load.argmax())
+            pair = item[:, pi] + item[:, pj]  # [R, m]
+            shed = pair[top][None, :, None] - pair[:, None, :]  # [R, m_top, m]: what the top rank sheds
+            peak = np.maximum(load[top] - shed, load[:, None, None] + shed)
+            # Invalid: a rank would hold one expert twice (an expert that comes in and is not
+            # among the two going out).
+            give = np.stack([tl[top, pi], tl[top, pj]], axis=-1)  # [m, 2]
+            take = np.stack([tl[:, pi], tl[:, pj]], axis=-1)  # [R, m, 2]
+            holds = np.zeros((R, len(w)), dtype=bool)
+            holds[np.arange(R)[:, None], tl] = True
+            dup_top = (holds[top][take][:, None]  # [R, 1, m, 2]: comes into the top rank, already there
+                       & ~(take[:, None, :, :, None] == give[None, :, None, None, :]).any(-1)).any(-1)
+            dup_other = (holds[np.arange(R)[:, None, None], give[None]][:, :, None]  # [R, m_top, 1, 2]
+                         & ~(give[None, :, None, :, None] == take[:, None, :, None, :]).any(-1)).any(-1)
+            peak = np.where(dup_top | dup_other, np.inf, peak)
+            peak[top] = np.inf
+            r, a, b = np.unravel_index(int(peak.argmin()), peak.shape)
+            if peak[r, a, b] >= load[top] * (1 - 1e-12):
+                break
+            tl[top, [pi[a], pj[a]]], tl[r, [pi[b], pj[b]]] = tl[r, [pi[b], pj[b]]], tl[top, [pi[a], pj[a]]].copy()
             t[l] = refine(tl[None], w[None])[0]
     return t
 
@@ -207,6 +271,51 @@ def pairing_counts(weight: np.ndarray, num_ranks: int) -> np.ndarray:
         counts[rows, pick] += 1
         mine[rows, pick, free] = True
         items = np.where(mine[rows, pick], split[rows, pick][:, None], items)
+    return counts
+
+
+def pairing_search(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Local search over replica counts ``[L, E]`` for two slots per rank, on the exact
+    sorted-pairing peak: while it lowers the peak, move one replica from an expert with
+    spare replicas to another expert (counts stay in ``[1, R]``).
+
+    One move changes the sizes of two experts' replicas and so re-sorts the whole pairing,
+    which a greedy choice of counts cannot foresee; every (receiver, donor) move is scored
+    exactly. There are at most ``E x (2R - E)`` of them (only ``2R - E`` replicas are
+    extra), each scored by one sort of ``2R`` sizes. ``weight [L, E]`` -> ``[L, E]``.
+    """
+    counts = counts.copy()
+    E = weight.shape[1]
+    for w, c in zip(weight, counts):  # rows of counts: updated in place
+        while True:
+            owner = np.repeat(np.arange(E), c)
+            owner = owner[np.argsort(w[owner] / c[owner], kind="stable")]  # [2R], by replica size
+            size = w / c
+            pairs = size[owner[:num_ranks]] + size[owner[::-1][:num_ranks]]  # [R]: i-th smallest + i-th largest
+            i = int(pairs.argmax())
+            peak, small, big = pairs[i], size[owner[i]], size[owner[-1 - i]]
+            donor = np.flatnonzero(c > 1)
+            a = np.repeat(np.flatnonzero(c < num_ranks), len(donor))
+            b = np.tile(donor, len(a) // max(len(donor), 1))
+            # The peak pair only drops if fewer replicas stay >= big (a or b owns one) or
+            # more fall below small (a's new size does): other moves cannot help.
+            ok = (a != b) & ((size[a] >= big) | (size[b] >= big) | (w[a] / (c[a] + 1) < small))
+            a, b = a[ok], b[ok]
+            if not a.size:
+                break
+            first = np.full(E, -1)
+            first[owner[::-1]] = np.arange(len(owner))[::-1]  # each expert's first slot
+            trial = np.where(owner == a[:, None], (w[a] / (c[a] + 1))[:, None], size[owner])  # [n, 2R]
+            trial = np.where(owner == b[:, None], (w[b] / (c[b] - 1))[:, None], trial)
+            trial[np.arange(len(a)), first[b]] = w[a] / (c[a] + 1)  # b's slot goes to a
+            # Nearly sorted rows (only a's and b's replicas are out of place): timsort is fast.
+            trial.sort(axis=1, kind="stable")
+            trial_peak = (trial + trial[:, ::-1]).max(axis=1)
+            best = int(trial_peak.argmin())
+            if trial_peak[best] >= peak * (1 - 1e-12):
+                break
+            c[a[best]] += 1
+            c[b[best]] -= 1
     return counts
 
 
@@ -305,7 +414,7 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     replica counts and greedy packing on ``mean + z * sqrt(var)`` (DeepSeek's global
     algorithm), the swap search to convergence (with ``search_counts``, and ``z = 0``:
     also over replica counts, :func:`move_replicas`; with ``pairing`` and two slots per
-    rank, also from :func:`pairing_counts` where that is better), ranks renumbered to
+    rank, also from :func:`pairing_counts` and :func:`pairing_search` where that is better), ranks renumbered to
     match ``old``.
 
     ``old [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]`` (slot order not preserved).
@@ -317,15 +426,22 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     if search_counts and not z:
         peak = rank_cost(placed, mean).max(axis=1)
         if pairing and K == 2:
-            paired = refine(pair_table(mean, pairing_counts(mean, R), R), mean)
-            paired_peak = rank_cost(paired, mean).max(axis=1)
-            better = paired_peak < peak
-            placed[better] = paired[better]
-            peak = np.minimum(peak, paired_peak)
+            # The count search stops in different local optima from the greedy and the
+            # min-max counts, and a pairing that puts two replicas of one expert on a rank
+            # must be repaired, so any of the three can give the best table.
+            greedy = pairing_counts(mean, R)
+            for counts in (greedy, pairing_search(mean, greedy, R),
+                           pairing_search(mean, replica_counts(mean, R, R * K), R)):
+                paired = refine(pair_table(mean, counts, R), mean)
+                paired_peak = rank_cost(paired, mean).max(axis=1)
+                better = paired_peak < peak
+                placed[better] = paired[better]
+                peak = np.minimum(peak, paired_peak)
         # Only layers the swaps left above the bound have anything to gain.
-        gap = np.flatnonzero(peak > 1.001 * lower_bound(mean, R, R * K))
+        good_enough = 1.001 * lower_bound(mean, R, R * K)
+        gap = np.flatnonzero(peak > good_enough)
         if gap.size:
-            placed[gap] = move_replicas(placed[gap], mean[gap])
+            placed[gap] = move_replicas(placed[gap], mean[gap], good_enough=good_enough[gap])
     return align_ranks(old, placed, mean.shape[1])
 
 
