@@ -176,9 +176,9 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
             peak = new.max(axis=1)
             # A move that does not lower the peak by itself can after re-packing: the few
             # most promising are re-packed and the first that ends lower is taken.
-            for c in np.argsort(peak, kind="stable")[:LOOKAHEAD]:
+            for m in np.argsort(peak, kind="stable")[:LOOKAHEAD]:
                 trial = tl.copy()
-                trial[r[c], k[c]] = a[c]
+                trial[r[m], k[m]] = a[m]
                 trial = swap_pairs(trial[None], w[None])[0]
                 if (w / np.bincount(trial.ravel(), minlength=E))[trial].sum(axis=1).max() < load[top] * (1 - 1e-12):
                     t[l] = trial
@@ -414,8 +414,8 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     replica counts and greedy packing on ``mean + z * sqrt(var)`` (DeepSeek's global
     algorithm), the swap search to convergence (with ``search_counts``, and ``z = 0``:
     also over replica counts, :func:`move_replicas`; with ``pairing`` and two slots per
-    rank, also from :func:`pairing_counts` and :func:`pairing_search` where that is better), ranks renumbered to
-    match ``old``.
+    rank, also from :func:`pairing_counts` and :func:`pairing_search` where that is
+    better), ranks renumbered to match ``old``.
 
     ``old [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]`` (slot order not preserved).
     """
