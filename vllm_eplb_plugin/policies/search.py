@@ -180,7 +180,7 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
                 trial = tl.copy()
                 trial[r[m], k[m]] = a[m]
                 trial = swap_pairs(trial[None], w[None])[0]
-                if (w / np.bincount(trial.ravel(), minlength=E))[trial].sum(axis=1).max() < load[top] * (1 - 1e-12):
+                if rank_cost(trial[None], w[None]).max() < load[top] * (1 - 1e-12):
                     t[l] = trial
                     break
             else:
