@@ -126,8 +126,7 @@ LOOKAHEAD = 8
 """Count moves :func:`move_replicas` re-packs before it gives up on a layer."""
 
 
-def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = None,
-                  good_enough: np.ndarray | None = None) -> np.ndarray:
+def move_replicas(table: np.ndarray, mean: np.ndarray, good_enough: np.ndarray | None = None) -> np.ndarray:
     """Joint search over replica counts and packing: while it lowers the peak, move one
     replica slot from one expert to another (the slot's rank drops a replica of ``b``,
     ``c_b > 1``, and takes a new one of ``a``), then re-run the swap searches
@@ -148,7 +147,7 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
     E = mean.shape[1]
     for l in range(L):  # layer by layer: few layers get here, and each needs its own moves
         w = mean[l]
-        for _ in range(max_moves if max_moves is not None else R * K):
+        for _ in range(R * K):  # each move lowers the peak rank; R * K bounds the time
             tl = t[l]
             cnt = np.bincount(tl.ravel(), minlength=E)
             per = w / np.maximum(cnt, 1)
@@ -188,7 +187,7 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, max_moves: int | None = N
     return t
 
 
-def swap_pairs(table: np.ndarray, mean: np.ndarray, max_swaps: int | None = None) -> np.ndarray:
+def swap_pairs(table: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Two-for-two swap search: while it lowers the peak, exchange two replicas of the
     most loaded rank with two of another rank (the pair of ranks' larger load as low as
     possible), running the one-for-one search (:func:`refine`) after each exchange.
@@ -208,7 +207,7 @@ def swap_pairs(table: np.ndarray, mean: np.ndarray, max_swaps: int | None = None
     pi, pj = np.triu_indices(K, 1)  # [m]: the slot pairs of a rank
     for l in range(L):  # layer by layer: used on the few layers the other searches leave above the bound
         w = mean[l]
-        for _ in range(max_swaps if max_swaps is not None else R * K):
+        for _ in range(R * K):  # each swap lowers the peak rank; R * K bounds the time
             tl = t[l]
             item = (w / np.bincount(tl.ravel(), minlength=len(w)))[tl]  # [R, K]
             load = item.sum(axis=1)
