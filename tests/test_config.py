@@ -187,3 +187,19 @@ def test_unreadable_and_unwritable_paths():
     finally:
         os.chmod(os.path.join(base, "ro"), 0o755)
         shutil.rmtree(base)
+
+
+def test_on_vllm_ascend_only_the_eplb_section_turns_the_plugin_on():
+    ascend_only = {"eplb_config": {"dynamic_eplb": True, "eplb_policy_type": 3}}
+    assert EplbConfig.from_additional_config(ascend_only, ascend=True) is None  # vLLM Ascend's own EPLB
+    both = {**ascend_only, "eplb": {"policy": "optimal", "plan_timeout_s": 5}}
+    cfg = EplbConfig.from_additional_config(both, ascend=True)
+    assert cfg.policy == "optimal" and cfg.plan_timeout_s == 5
+    with pytest.raises(EplbConfigError, match="outside vLLM Ascend keep one"):
+        EplbConfig.from_additional_config(both)
+
+
+@pytest.mark.parametrize("value", [0, -1, 86400, "30", True, float("nan")])
+def test_plan_timeout_must_be_a_positive_number_of_seconds(value):
+    with pytest.raises(EplbConfigError, match=r"eplb.plan_timeout_s must be a number strictly between 0.0 and 86400.0"):
+        EplbConfig.from_dict({"plan_timeout_s": value})

@@ -76,6 +76,13 @@ class WrongResultType(EplbPolicy):
         return 1, list(range(np.shape(current_expert_table)[0])), np.asarray(current_expert_table).tolist()
 
 
+class MovesWithinRank(EplbPolicy):
+    def rebalance_experts(self, current_expert_table, expert_workload):
+        t = np.asarray(current_expert_table)
+        new = t[..., ::-1].copy()  # every rank keeps its experts, in other slots
+        return PolicyResult(bool(np.any(new != t)), np.arange(t.shape[0]), new)
+
+
 class Slow(PlacementPolicy):
     def place(self, table, series, expert_load):
         import time
@@ -92,6 +99,7 @@ class Slow(PlacementPolicy):
         (IgnoresMaxMove, "max_move", "max_move=0 but layers moved [2] slots"),
         (NonDeterministic, "deterministic", "returned different tables"),
         (WrongResultType, "result_contract", "returned tuple, not PolicyResult"),
+        (MovesWithinRank, "experts_keep_their_slots", "keeps an expert but moves it to another slot"),
     ],
 )
 def test_broken_policy_fails_with_a_useful_report(policy, prop, message):
@@ -112,7 +120,7 @@ def test_time_budget_is_enforced():
 def test_cli_conformance_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "vllm_eplb_plugin.cli", "conformance", "random", "--examples", "20"],
                         capture_output=True, text=True)
-    assert ok.returncode == 0 and "7 passed, 0 failed" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and "8 passed, 0 failed" in ok.stdout, ok.stdout + ok.stderr
     bad = subprocess.run([sys.executable, "-m", "vllm_eplb_plugin.cli", "conformance",
                           "test_conformance:DuplicatesExperts", "--examples", "20"],
                          capture_output=True, text=True, cwd=os.path.dirname(__file__),
@@ -124,4 +132,4 @@ def test_pytest_pyargs_entry(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "vllm_eplb_plugin.conformance",
                            "--eplb-policy", "example-lpt", "--eplb-examples", "20", "-q", "-p", "no:cacheprovider"],
                           capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0 and "7 passed" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "8 passed" in proc.stdout, proc.stdout + proc.stderr

@@ -44,6 +44,28 @@ def test_worker_process_gets_runner_and_router_hooks_once():
     assert proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
+def test_v2_runner_load_installs_our_policy_where_its_eplb_state_looks():
+    # vLLM's v2 runner (vLLM Ascend's "MRv2" subclasses it) builds EplbState in load_model.
+    proc = _run(
+        "import vllm.v1.worker.worker_base, vllm_eplb_plugin as p\n"
+        "from types import SimpleNamespace as NS\n"
+        "p.register(); p.register()\n"
+        "from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2\n"
+        "from vllm.distributed.eplb import eplb_state\n"
+        "assert V2.load_model._vllm_eplb_plugin_patched\n"
+        "runner = NS(vllm_config=NS(additional_config={'eplb': {'policy': 'optimal'}}),\n"
+        "            parallel_config=NS(enable_eplb=True, eplb_config=NS(policy='default')))\n"
+        "try:\n"
+        "    V2.load_model(runner)  # our hook runs first; vLLM's own load then fails on the stand-in runner\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "cls = eplb_state.EPLB_POLICIES['default']\n"
+        "assert cls.__name__ == 'PluginOptimalPolicy', cls\n"
+        "print('ok')"
+    )
+    assert proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
 def test_capture_chain_keeps_both_functions_in_either_order():
     from vllm_eplb_plugin.engine.vllm_worker import _OURS, chain_capture
 
@@ -110,3 +132,55 @@ def test_engine_config_accepts_a_fitting_section():
     from vllm_eplb_plugin.engine.vllm_worker import check_engine_config
 
     assert check_engine_config(_engine(eplb={"num_redundant_experts": 2})).num_redundant_experts == 2
+
+
+def _ascend_engine(dynamic=True, v2=False, enable_eplb=False):
+    engine = _engine(enable_eplb=enable_eplb, eplb={"policy": "optimal"})
+    engine.additional_config["eplb_config"] = {"dynamic_eplb": dynamic}
+    engine.use_v2_model_runner = v2
+    return engine
+
+
+@pytest.mark.parametrize(
+    "ascend, kwargs, path",
+    [
+        (False, {}, "the plugin's planning loop runs it in a child process"),
+        (False, {"enable_eplb": True}, "vLLM's EplbState calls it through EPLB_POLICIES"),
+        (True, {}, "vLLM Ascend's dynamic EPLB (EplbWorker) calls it in its EPLB process"),
+        (True, {"v2": True, "enable_eplb": True, "dynamic": False}, "vLLM's EplbState (vLLM Ascend's model runner v2)"),
+    ],
+)
+def test_plan_path_names_who_runs_the_policy(ascend, kwargs, path):
+    from vllm_eplb_plugin.engine.vllm_worker import plan_path
+
+    assert plan_path(_ascend_engine(**kwargs), ascend).startswith(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dynamic": False}, 'vLLM Ascend\'s dynamic EPLB, which is off; set additional_config.eplb_config = {"dynamic_eplb": true}'),
+        ({"v2": True}, "model runner v2 (VLLM_USE_V2_MODEL_RUNNER=1) runs EPLB only through vLLM's EplbState; pass --enable-eplb"),
+    ],
+)
+def test_on_ascend_a_config_where_nothing_would_run_the_policy_is_refused(kwargs, message):
+    from vllm_eplb_plugin.config import EplbConfigError
+    from vllm_eplb_plugin.engine.vllm_worker import plan_path
+
+    with pytest.raises(EplbConfigError, match=re.escape(message)):
+        plan_path(_ascend_engine(**kwargs), True)
+
+
+def test_every_vllm_patch_target_exists_and_drift_is_named():
+    from vllm_eplb_plugin.engine.patching import EngineMismatch, PatchTarget, check_targets
+    from vllm_eplb_plugin.engine.vllm_hooks import check_vllm_targets
+
+    check_vllm_targets()  # the installed vLLM has every target
+    gone = PatchTarget("vllm.engine.arg_utils", "EngineArgs.create_engine_config_v9", ("self",))
+    moved = PatchTarget("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", ("self", "positions"))
+    with pytest.raises(EngineMismatch) as err:
+        check_targets((gone, moved), "vLLM", "vLLM 0.32.x")
+    text = str(err.value)
+    assert "vllm.engine.arg_utils.EngineArgs.create_engine_config_v9 does not exist" in text
+    assert "GPUModelRunner._model_forward(self, positions, ...): its parameters are now (self, input_ids, positions" in text
+    assert text.endswith("The plugin supports vLLM 0.32.x; install one of those or remove the eplb section.")

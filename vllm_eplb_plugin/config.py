@@ -1,8 +1,8 @@
 """The ``eplb`` section of vLLM's ``--additional-config``, validated in one place.
 
 ``EplbConfig.from_additional_config(additional_config)`` reads ``additional_config["eplb"]``,
-or vLLM Ascend's ``eplb_config`` section, or vLLM Ascend's old flat keys; returns None when
-none is present (the plugin stays off). Every error names the key, the bad value and what
+or (outside vLLM Ascend, which owns them) vLLM Ascend's ``eplb_config`` section or its old
+flat keys; returns None when none is present (the plugin stays off). Every error names the key, the bad value and what
 is allowed.
 """
 
@@ -77,6 +77,10 @@ class EplbConfig:
     """Weight kept by the old average at each interval, for ``heat_window="ema"`` (0 < x < 1)."""
     heat_window_steps: int = field(default=64, metadata=_int(1, 65536))
     """Steps kept by the ring buffer of ``heat_window="steps"``."""
+    plan_timeout_s: float = field(default=30.0, metadata={"kind": "float", "min": 0.0, "max": 86400.0})
+    """Seconds one policy run may take before it is killed and the current table kept.
+    On vLLM Ascend the forward loop blocks on the plan once ``algorithm_execution_interval``
+    steps have passed, so this bounds that stall."""
     expert_map_path: str | None = None
     """Expert map (vLLM Ascend JSON) to start from; must exist and be valid."""
     expert_map_record_path: str | None = None
@@ -87,17 +91,28 @@ class EplbConfig:
     # --- construction -----------------------------------------------------------------
 
     @classmethod
-    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EplbConfig | None":
-        """Build from vLLM's ``additional_config``; None when it has no EPLB settings."""
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | None, *, ascend: bool = False
+    ) -> "EplbConfig | None":
+        """Build from vLLM's ``additional_config``; None when it has no EPLB settings.
+
+        ``ascend``: running on vLLM Ascend, which owns its ``eplb_config`` section and flat
+        keys. There only ``eplb`` turns the plugin on, beside ``eplb_config``; elsewhere
+        ``eplb_config`` (or the flat keys) is read as the plugin's section.
+        """
         if not additional_config:
             return None
         if not isinstance(additional_config, Mapping):
             raise EplbConfigError(f"additional_config must be a JSON object; got {type(additional_config).__name__}.")
+        if ascend:
+            section = additional_config.get(SECTION)
+            return None if section is None else cls.from_dict(section, where=f"additional_config.{SECTION}")
         sections = [s for s in (SECTION, ASCEND_SECTION) if s in additional_config]
         flat = {k: additional_config[k] for k in _FLAT_KEYS if k in additional_config}
         if len(sections) == 2:
             raise EplbConfigError(
-                f"additional_config has both {SECTION!r} and {ASCEND_SECTION!r}; keep one ({SECTION!r} is preferred)."
+                f"additional_config has both {SECTION!r} and {ASCEND_SECTION!r}; outside vLLM Ascend keep one "
+                f"({SECTION!r} is preferred)."
             )
         if sections and flat:
             raise EplbConfigError(

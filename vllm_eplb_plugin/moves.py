@@ -10,7 +10,7 @@ import numpy as np
 
 from .placement import changed_slots
 
-__all__ = ["preserve_slots", "separate_duplicates", "limit_moves"]
+__all__ = ["preserve_slots", "moved_within_rank", "separate_duplicates", "limit_moves"]
 
 
 def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -34,6 +34,18 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     li, ri, j = np.nonzero(use)
     out[li, ri, free_slots[li, ri, j]] = new[li, ri, newcomers[li, ri, j]]
     return out
+
+
+def moved_within_rank(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``[L, R]`` bool: rank ``r`` of layer ``l`` holds an expert in both tables but in a
+    different slot (tables ``[L, R, K]``).
+
+    Engines that move weights per slot (vLLM Ascend's ``check_expert_placement``) reject
+    such a layer: the weights are already on the rank, so a plan must leave them where
+    they are. :func:`preserve_slots` turns any plan into one without such moves.
+    """
+    held_before = (new[..., :, None] == old[..., None, :]).any(axis=-1)  # [L, R, K]
+    return (held_before & (new != old)).any(axis=-1)
 
 
 def separate_duplicates(table: np.ndarray, expert_load: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 
 import numpy as np
 
-from .moves import limit_moves
+from .moves import limit_moves, preserve_slots
 from .placement import (
     _to_numpy,
     num_experts_of,
@@ -189,17 +189,21 @@ class EplbPolicy(ABC):
 
 class PlacementPolicy(EplbPolicy):
     """Template for policies that compute a target table: validates inputs, applies
-    ``max_move`` (keeping the moves that gain most) and fills in ``PolicyResult``."""
+    ``max_move`` (keeping the moves that gain most), keeps every expert that stays on a
+    rank in its slot (engines reject a plan that moves weights within a rank) and fills
+    in ``PolicyResult``."""
 
     def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:
         table = validate_table(current_expert_table, name="current_expert_table")
         series = as_workload(expert_workload, table.shape)
         num_experts = num_experts_of(table)
         expert_load = slot_to_expert_load(table, series.sum(axis=0), num_experts)
-        target = self.place(table, series, expert_load)
+        # An invalid target is the policy's bug: name it here, before slots are matched.
+        target = validate_table(self.place(table, series, expert_load), num_experts,
+                                name=f"{self.name or type(self).__name__}.place() result")
         if self.config.max_move is not None:
             target = limit_moves(table, target, expert_load, self.config.max_move)
-        return make_result(table, target, expert_load)
+        return make_result(table, preserve_slots(table, target), expert_load)
 
     @abstractmethod
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:

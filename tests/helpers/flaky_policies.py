@@ -52,3 +52,26 @@ class FlakyPolicy(EplbPolicy):
         from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy
 
         return DeepSeekPolicy(self.config).rebalance_experts(current_expert_table, expert_workload)
+
+
+class SlotShufflePolicy(EplbPolicy):
+    """Plans like DeepSeek, then reverses every rank's slot order: experts that stay on a
+    rank change slot, which vLLM Ascend's check_expert_placement refuses."""
+
+    name = "slot-shuffle"
+
+    def rebalance_experts(self, current_expert_table, expert_workload):
+        from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy
+
+        result = DeepSeekPolicy(self.config).rebalance_experts(current_expert_table, expert_workload)
+        return PolicyResult(True, result.priority, np.ascontiguousarray(result.new_table[..., ::-1]))
+
+
+class KeepPolicy(EplbPolicy):
+    """Returns the current table: a plan that improves nothing."""
+
+    name = "keep"
+
+    def rebalance_experts(self, current_expert_table, expert_workload):
+        table = np.array(current_expert_table, copy=True)
+        return PolicyResult(False, np.arange(table.shape[0]), table)

@@ -19,6 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..moves import moved_within_rank
 from ..placement import InvalidExpertTable, changed_slots, default_table, num_experts_of, validate_table
 from ..policy import EplbPolicy, PolicyConfig, PolicyResult
 from ..registry import load_policy_class
@@ -149,6 +150,18 @@ def prop_inputs_unchanged(cls: type[EplbPolicy], case: Case, budget: float) -> N
     assert not np.shares_memory(result.new_table, case.table), "new_table shares memory with the input table"
 
 
+def prop_experts_keep_their_slots(cls: type[EplbPolicy], case: Case, budget: float) -> None:
+    """An expert that stays on a rank keeps its slot (vLLM Ascend's check_expert_placement
+    reverts a layer that moves one within a rank; call ``moves.preserve_slots``)."""
+    new = np.asarray(_call(cls, case, budget).new_table)
+    moved = np.argwhere(moved_within_rank(case.table, new))
+    assert not moved.size, (
+        f"layer {moved[0][0]}, rank {moved[0][1]} keeps an expert but moves it to another slot "
+        f"({len(moved)} such (layer, rank) pairs); vLLM Ascend rejects such a layer: "
+        "return vllm_eplb_plugin.moves.preserve_slots(current_table, new_table)"
+    )
+
+
 def prop_max_move(cls: type[EplbPolicy], case: Case, budget: float) -> None:
     """With max_move = m, at most m slots change per layer and the table stays valid."""
     if case.max_move is None:
@@ -180,6 +193,7 @@ PROPERTIES: dict[str, Callable[[type[EplbPolicy], Case, float], None]] = {
     "changed_flag": prop_changed_flag,
     "deterministic": prop_deterministic,
     "inputs_unchanged": prop_inputs_unchanged,
+    "experts_keep_their_slots": prop_experts_keep_their_slots,
     "max_move": prop_max_move,
     "accepts_torch": prop_accepts_torch,
 }

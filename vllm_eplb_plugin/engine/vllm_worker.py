@@ -36,14 +36,15 @@ from ..consistency import table_summary, verify_consistency
 from ..heat import HeatCounter
 from ..metrics import balancedness
 from ..placement import changed_slots, default_table, load_expert_map, num_experts_of, save_expert_map
-from ..planner import Planner, PlanOutcome
+from ..planner import Planner, PlanOutcome, PlanStatus
 from ..registry import resolve_policy_name
 
 # A child of vLLM's logger, so our lines go where vLLM's go, with its format and level.
 logger = logging.getLogger("vllm.eplb_plugin")
 
 STATE_ATTR = "_vllm_eplb_state"
-_WAIT, _APPLY, _FAILED, _SKIP = 0, 1, 2, 3  # plan status rank 0 broadcasts each step
+_WAIT = -1  # rank 0 broadcasts this, or the index of the outcome's PlanStatus, each step
+_STATUSES = list(PlanStatus)
 _OURS = "_vllm_eplb_counts"  # marks our capture function on a router
 
 # Keys of Hugging Face configs that give the number of routed experts.
@@ -53,8 +54,38 @@ _EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num
 # -- first process: config check ------------------------------------------------------------
 
 
+def on_ascend() -> bool:
+    """Whether this vLLM runs on vLLM Ascend's NPU platform."""
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type == "npu"
+
+
 def eplb_config_of(vllm_config: Any) -> EplbConfig | None:
-    return EplbConfig.from_additional_config(getattr(vllm_config, "additional_config", None) or {})
+    return EplbConfig.from_additional_config(getattr(vllm_config, "additional_config", None) or {}, ascend=on_ascend())
+
+
+def plan_path(vllm_config: Any, ascend: bool) -> str:
+    """Which code runs the plugin's policy with this engine config (for the start-up log);
+    raises :class:`EplbConfigError` when none would."""
+    if vllm_config.parallel_config.enable_eplb:
+        runner = " (vLLM Ascend's model runner v2)" if ascend else ""
+        return f"vLLM's EplbState{runner} calls it through EPLB_POLICIES and moves the weights"
+    if not ascend:
+        return "the plugin's planning loop runs it in a child process and records each plan (weights stay)"
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise EplbConfigError(
+            "eplb: vLLM Ascend's model runner v2 (VLLM_USE_V2_MODEL_RUNNER=1) runs EPLB only through vLLM's "
+            "EplbState; pass --enable-eplb, or use the default runner with additional_config.eplb_config.dynamic_eplb=true."
+        )
+    ascend_section = (vllm_config.additional_config or {}).get("eplb_config") or {}
+    if not ascend_section.get("dynamic_eplb", False):
+        raise EplbConfigError(
+            "eplb: on vLLM Ascend the plugin's policy runs inside vLLM Ascend's dynamic EPLB, which is off; set "
+            'additional_config.eplb_config = {"dynamic_eplb": true} (and the environment variable DYNAMIC_EPLB=true), '
+            "or remove the eplb section."
+        )
+    return "vLLM Ascend's dynamic EPLB (EplbWorker) calls it in its EPLB process and moves the weights"
 
 
 def _model_experts(vllm_config: Any) -> int | None:
@@ -77,9 +108,18 @@ def check_engine_config(vllm_config: Any) -> EplbConfig | None:
     Runs in the first process (``EngineArgs.create_engine_config``), so ``vllm serve``
     stops before any worker starts.
     """
-    config = eplb_config_of(vllm_config)
+    ascend = on_ascend()
+    config = EplbConfig.from_additional_config(vllm_config.additional_config or {}, ascend=ascend)
     if config is None:
         return None
+    from .vllm_hooks import check_vllm_targets
+
+    check_vllm_targets()
+    if ascend:
+        from .ascend_hooks import check_ascend_targets
+
+        check_ascend_targets()
+    path = plan_path(vllm_config, ascend)
     pc = vllm_config.parallel_config
     if pc.data_parallel_size > 1:
         raise EplbConfigError(
@@ -114,9 +154,9 @@ def check_engine_config(vllm_config: Any) -> EplbConfig | None:
                 f"--eplb-config num_redundant_experts={theirs}; with --enable-eplb set it once, in --eplb-config."
             )
     logger.info(
-        "EPLB plugin on: policy %s, %d experts over %d ranks + %d redundant, heat window %s every %d steps",
+        "EPLB plugin on: policy %s, %d experts over %d ranks + %d redundant, heat window %s every %d steps; %s",
         resolve_policy_name(config.policy), experts, ranks, config.num_redundant_experts,
-        config.heat_window, config.expert_heat_collection_interval,
+        config.heat_window, config.expert_heat_collection_interval, path,
     )
     return config
 
@@ -326,51 +366,41 @@ class WorkerEplb:
 
     def _wait_for_plan(self) -> None:
         # Rank 0 decides, then every rank learns the decision from one broadcast.
-        status = torch.tensor([_WAIT], dtype=torch.int64)
+        code = torch.tensor([_WAIT], dtype=torch.int64)
         outcome = self._poll_plan() if self.planner is not None else None
         if outcome is not None:
-            status[0] = _APPLY if outcome.ok else _SKIP if outcome.new_table is not None else _FAILED
+            code[0] = _STATUSES.index(outcome.status)
         src = dist.get_global_rank(self.group, 0)
-        dist.broadcast(status, src=src, group=self.group)
-        if status.item() == _WAIT:
+        dist.broadcast(code, src=src, group=self.group)
+        if code.item() == _WAIT:
             return
+        status = _STATUSES[code.item()]
         load, self.pending_steps, self.pending_load = self.pending_load, None, None
-        if status.item() != _APPLY:
-            if outcome is not None and status.item() == _SKIP:
-                logger.info("EPLB plan not applied: %s", outcome.error)
-            elif outcome is not None:
-                logger.warning("EPLB plan failed, keeping the current table: %s", outcome.error)
-                if self.metrics is not None:
-                    self.metrics.failed()
+        if status is PlanStatus.KEEP and outcome is not None:
+            logger.info("EPLB plan not applied: %s", outcome.message)
+        elif status is PlanStatus.FAILED and outcome is not None:
+            logger.warning("EPLB plan failed, keeping the current table: %s", outcome.summary)
+            logger.debug("EPLB plan failed: %s", outcome.message)
+            if self.metrics is not None:
+                self.metrics.failed()
+        if status is not PlanStatus.ADOPT:
             return
         new = torch.from_numpy(outcome.new_table) if outcome is not None else torch.empty(self.table.shape, dtype=torch.int64)
         dist.broadcast(new, src=src, group=self.group)
         self._apply(new.numpy(), load, outcome)
 
     def _poll_plan(self) -> PlanOutcome | None:
-        """Rank 0: the plan if ready (kept to the layers it improves), a failure, or None."""
+        """Rank 0: the reviewed outcome if the planner has one, or a failure once
+        ``algorithm_execution_interval`` steps have passed without one; else None."""
         assert self.planner is not None and self.pending_steps is not None
         outcome = self.planner.poll()
         if outcome is None and self.pending_steps >= self.config.algorithm_execution_interval:
             self.planner.close()  # a policy this slow may be stuck: kill it,
             self.planner.warm()  # and have a fresh child ready for the next interval
             interval = self.config.algorithm_execution_interval
-            return PlanOutcome(0, None, (), 0.0, f"no plan within algorithm_execution_interval={interval} steps")
-        if outcome is not None and outcome.ok:
-            outcome = self._keep_improvements(outcome)
+            return PlanOutcome(0, PlanStatus.FAILED, self.table,
+                               message=f"no plan within algorithm_execution_interval={interval} steps")
         return outcome
-
-    def _keep_improvements(self, outcome: PlanOutcome) -> PlanOutcome:
-        """Take the plan only for layers it is predicted to balance better on the window it
-        was fitted on; a plan that improves no layer fails (the table stays)."""
-        assert self.pending_load is not None and outcome.new_table is not None
-        load = self.pending_load
-        better = balancedness(outcome.new_table, load) > balancedness(self.table, load) + 1e-9  # [L]
-        new = np.where(better[:, None, None], outcome.new_table, self.table)
-        layers = tuple(int(l) for l in np.flatnonzero(better & (changed_slots(self.table, new) > 0)))
-        if not layers:  # a "failure" that still carries the table marks a skip
-            return PlanOutcome(outcome.seq, new, (), outcome.seconds, "the plan improves no layer on its window")
-        return PlanOutcome(outcome.seq, new, layers, outcome.seconds)
 
     def _apply(self, new: np.ndarray, load: np.ndarray, outcome: PlanOutcome | None) -> None:
         """Adopt ``new [L, R, K]`` on every rank; rank 0 records and reports it against the
@@ -383,6 +413,8 @@ class WorkerEplb:
         assert outcome is not None
         before, after = balancedness(old, load), balancedness(new, load)
         moved = int(changed_slots(old, new).sum())
+        if outcome.message:
+            logger.warning("EPLB plan %d: %s", self.plans, outcome.message)
         record = self.config.expert_map_record_path
         if record is not None:
             self._record(record, new, {

@@ -10,14 +10,14 @@ Differences from the reference, all only where the reference would put one exper
 on a rank (which our invariants forbid): an expert gets at most one replica per rank of
 its node; packing sends a replica to the lightest open rank that does not hold its expert
 yet; and if no such rank is open, a load-neutral swap separates the pair afterwards.
-Within a rank, experts the rank already held keep their slots.
+Within a rank, experts the rank already held keep their slots (the template does it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..moves import preserve_slots, separate_duplicates
+from ..moves import separate_duplicates
 from ..policy import PlacementPolicy
 
 __all__ = ["DeepSeekPolicy", "replicate", "pack", "deepseek_phy2log"]
@@ -140,5 +140,4 @@ class DeepSeekPolicy(PlacementPolicy):
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         L, R, K = table.shape
         target = deepseek_phy2log(expert_load, R, K, self.config.num_groups, self.config.num_nodes)
-        target = separate_duplicates(target.reshape(L, R, K), expert_load)
-        return preserve_slots(table, target)
+        return separate_duplicates(target.reshape(L, R, K), expert_load)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..moves import preserve_slots
 from ..policy import Option, PlacementPolicy
 from .search import fresh_table, keep_if_not_better, per_step_stats
 
@@ -29,4 +28,4 @@ class FlashLBPolicy(PlacementPolicy):
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         z = self.options["z"]
         mean, var = per_step_stats(table, series)
-        return preserve_slots(table, keep_if_not_better(table, fresh_table(table, mean, var, z), mean, var, z))
+        return keep_if_not_better(table, fresh_table(table, mean, var, z), mean, var, z)

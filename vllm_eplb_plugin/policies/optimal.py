@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..moves import preserve_slots
 from ..policy import Option, PlacementPolicy
 from .search import fresh_table, keep_if_not_better
 
@@ -37,4 +36,4 @@ class OptimalPolicy(PlacementPolicy):
 
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         new = fresh_table(table, expert_load, search_counts=True, pairing=self.options["pairing"])
-        return preserve_slots(table, keep_if_not_better(table, new, expert_load))
+        return keep_if_not_better(table, new, expert_load)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..moves import preserve_slots
 from ..policy import Option, PlacementPolicy
 from .search import fresh_table, keep_if_not_better, rank_cost, recount, refine, replica_counts
 
@@ -50,4 +49,4 @@ class SwiftPolicy(PlacementPolicy):
             fresh = fresh_table(table[far], expert_load[far])
             use = peak[far] > slack * rank_cost(fresh, expert_load[far]).max(axis=1)
             target[far[use]] = fresh[use]
-        return preserve_slots(table, keep_if_not_better(table, target, expert_load))
+        return keep_if_not_better(table, target, expert_load)
