@@ -269,3 +269,26 @@ def test_a_rank_with_another_map_is_named(where, rank, layer, what):
     for message in results:
         assert message.startswith(f"{what} differs across ranks: ranks [{rank}] disagree"), message
         assert f"first layer that differs: {layer} " in message
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ep_rank_0_reports_each_plan_to_prometheus_like_on_vllm(vllm_config, monkeypatch, rank):
+    from prometheus_client import REGISTRY
+
+    monkeypatch.setattr(eplb_worker, "get_ep_group", lambda: SimpleNamespace(rank_in_group=rank))
+    sample = lambda name, **labels: REGISTRY.get_sample_value(name, labels) or 0.0  # noqa: E731
+    applied = sample("vllm:eplb_plans_total", outcome="applied")
+    table = default_table(2, 4, 3, 10)
+    load = _load(np.random.default_rng(5), table, 10)
+    worker, shared = _worker(vllm_config, {"policy": "deepseek"}, table, 10, load)
+    try:
+        worker.do_update()
+    finally:
+        worker.policy.close()
+    outcome = worker.policy.last_outcome
+    assert worker.policy.reports == (rank == 0) and outcome.status is PlanStatus.ADOPT
+    assert sample("vllm:eplb_plans_total", outcome="applied") == applied + (rank == 0)
+    if rank == 0:
+        heat = slot_to_expert_load(table, load.astype(float), 10)
+        assert sample("vllm:eplb_predicted_balancedness") == pytest.approx(balancedness(outcome.new_table, heat).mean())
+        assert sample("vllm:eplb_balancedness") == pytest.approx(balancedness(table, heat).mean())

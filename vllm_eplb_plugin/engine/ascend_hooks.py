@@ -10,6 +10,7 @@ and counts nothing itself:
   ``eplb`` section's policy, instead of the ``eplb_policy_type`` one. vLLM Ascend calls it
   in ``NPUModelRunner.__init__``, inside vLLM's config context, and hands the instance
   to its EPLB process.
+- ``EplbWorker.__init__``: lets EP rank 0's policy report its plans to Prometheus.
 - ``EplbUpdator.__init__``: remembers whether the ``eplb`` section is on.
 - ``EplbUpdator.warm_up_eplb``: verifies the expert maps across the EP ranks at start-up,
   once the layers built them (from ``expert_map_path`` when set).
@@ -37,15 +38,17 @@ logger = logging.getLogger("vllm.eplb_plugin")
 SUPPORTED = "vLLM Ascend 0.23.0.post1"
 _FACTORY = "vllm_ascend.eplb.core.policy.policy_factory"
 _UPDATOR = "vllm_ascend.eplb.eplb_updator"
+_WORKER = "vllm_ascend.eplb.core.eplb_worker"
 TARGETS = (
     PatchTarget(_FACTORY, "PolicyFactory.generate_policy", ("policy_type",)),
+    PatchTarget(_WORKER, "EplbWorker.__init__", ("self", "shared_dict", "policy_type")),
     PatchTarget(_UPDATOR, "EplbUpdator.__init__", ("self", "eplb_config", "loader", "eplb_process", "process")),
     PatchTarget(_UPDATOR, "EplbUpdator.warm_up_eplb", ("self",)),
     PatchTarget(_UPDATOR, "EplbUpdator.forward_before", ("self",)),
     PatchTarget(_UPDATOR, "EplbUpdator.get_update_info_flag", ("self",)),
     # Not patched, but what calls the policy and what its plans must pass.
-    PatchTarget("vllm_ascend.eplb.core.eplb_worker", "EplbWorker.calculate_rebalance_experts", ("self", "load_info", "old_placement")),
-    PatchTarget("vllm_ascend.eplb.core.eplb_worker", "EplbWorker.check_expert_placement", ("self", "old_placement", "new_placement")),
+    PatchTarget(_WORKER, "EplbWorker.calculate_rebalance_experts", ("self", "load_info", "old_placement")),
+    PatchTarget(_WORKER, "EplbWorker.check_expert_placement", ("self", "old_placement", "new_placement")),
 )
 _STATE = "_vllm_eplb_plugin_config"
 
@@ -71,12 +74,14 @@ def install_ascend() -> None:
     """Patch vLLM Ascend's EPLB; idempotent. A vLLM Ascend without these classes is
     reported at start-up (:func:`check_ascend_targets`) when an eplb section is set."""
     try:
+        from vllm_ascend.eplb.core.eplb_worker import EplbWorker
         from vllm_ascend.eplb.core.policy.policy_factory import PolicyFactory
         from vllm_ascend.eplb.eplb_updator import EplbUpdator
     except ImportError as exc:
         logger.debug("EPLB plugin: vLLM Ascend's EPLB does not import (%s); not hooked", exc)
         return
     patch(PolicyFactory, "generate_policy", _make_generate_policy)
+    patch(EplbWorker, "__init__", _make_worker_init)
     patch(EplbUpdator, "__init__", _make_updator_init)
     patch(EplbUpdator, "warm_up_eplb", _make_warm_up)
     patch(EplbUpdator, "forward_before", _make_forward_before)
@@ -99,6 +104,17 @@ def _make_generate_policy(original: Callable) -> Callable:
         return policy
 
     return generate_policy
+
+
+def _make_worker_init(original: Callable) -> Callable:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        from .ascend_policy import PluginPolicy
+
+        if isinstance(self.policy, PluginPolicy):
+            self.policy.reports = self.rank_id == 0
+
+    return __init__
 
 
 def _make_updator_init(original: Callable) -> Callable:

@@ -38,16 +38,18 @@ logger = logging.getLogger("vllm.eplb_plugin")
 class PluginPolicy(AscendEplbPolicy):
     """vLLM Ascend's policy contract around the plugin's configured policy."""
 
-    def __init__(self, config: EplbConfig) -> None:
+    def __init__(self, config: EplbConfig, reports: bool = False) -> None:
         self.config = config
         self.name = resolve_policy_name(config.policy)
+        self.reports = reports
+        """Whether this rank's plans go to Prometheus (EP rank 0 only, set by the hook)."""
         self.last_outcome: PlanOutcome | None = None
         self._planner: Planner | None = None
 
     def __reduce__(self) -> tuple:
         # The planner (a child process and a thread) stays behind; the receiving process
         # starts its own. The config is rebuilt, so it is validated there too.
-        return (_rebuild, (self.config.to_dict(),))
+        return (_rebuild, (self.config.to_dict(), self.reports))
 
     def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> tuple[bool, np.ndarray, np.ndarray]:
         """``current_expert_table [L, R, K]``, ``expert_workload [L, R, K] | [T, L, R, K]``
@@ -78,27 +80,37 @@ class PluginPolicy(AscendEplbPolicy):
         return outcome
 
     def _log(self, table: np.ndarray, outcome: PlanOutcome, load: np.ndarray) -> None:
+        """One log line per plan, and on EP rank 0 the same Prometheus metrics as on vLLM."""
+        metrics = None
+        if self.reports:
+            from .prometheus import EplbMetrics
+
+            metrics = EplbMetrics.shared()  # in the EPLB process; multiprocess mode shows it
         if outcome.status is PlanStatus.FAILED:
             logger.warning("EPLB plugin: policy %s failed, keeping the current placement: %s", self.name, outcome.summary)
             logger.debug("EPLB plugin: policy %s failed: %s", self.name, outcome.message)
+            if metrics is not None:
+                metrics.failed()
             return
         if outcome.status is PlanStatus.KEEP:
             logger.info("EPLB plugin: policy %s keeps the placement: %s", self.name, outcome.message)
             return
         if outcome.message:
             logger.warning("EPLB plugin: policy %s: %s", self.name, outcome.message)
-        before, after = balancedness(table, load), balancedness(outcome.new_table, load)
+        before, after = balancedness(table, load).mean(), balancedness(outcome.new_table, load).mean()
+        moved = int((outcome.new_table != table).sum())
         logger.info(
             "EPLB plugin: policy %s plans %d/%d layers, balancedness %.3f -> %.3f (predicted), "
             "%d/%d slots moved, policy %.1f ms",
-            self.name, len(outcome.changed_layers), len(table), before.mean(), after.mean(),
-            int((outcome.new_table != table).sum()), table.size, outcome.seconds * 1e3,
+            self.name, len(outcome.changed_layers), len(table), before, after, moved, table.size, outcome.seconds * 1e3,
         )
+        if metrics is not None:
+            metrics.plan(float(before), float(after), len(outcome.changed_layers), moved, outcome.seconds)
 
     def close(self) -> None:
         if self._planner is not None:
             self._planner.close()
 
 
-def _rebuild(config: dict) -> PluginPolicy:
-    return PluginPolicy(EplbConfig(**config))
+def _rebuild(config: dict, reports: bool) -> PluginPolicy:
+    return PluginPolicy(EplbConfig(**config), reports)

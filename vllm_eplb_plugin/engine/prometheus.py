@@ -1,6 +1,7 @@
 """EPLB metrics for vLLM's ``/metrics``.
 
-Defined in the worker that plans (global rank 0). vLLM's API server shows metrics of
+Defined in the process that plans for global rank 0: the vLLM worker, or on vLLM Ascend
+its EPLB process (the same names, so dashboards work on both). vLLM's API server shows metrics of
 other processes when Prometheus multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR`` set
 before ``vllm serve`` starts, or ``--api-server-count`` > 1); otherwise they stay in the
 worker's registry and ``/metrics`` does not show them.
@@ -19,7 +20,17 @@ _MODE = "mostrecent"
 
 
 class EplbMetrics:
-    """Plan outcomes, balancedness, moves and routed-token counts."""
+    """Plan outcomes, balancedness, moves and routed-token counts. One per process
+    (:meth:`shared`): Prometheus registers each metric name once."""
+
+    _shared: EplbMetrics | None = None
+
+    @classmethod
+    def shared(cls) -> EplbMetrics:
+        """This process's metrics, created on first use."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
 
     def __init__(self) -> None:
         self.plans = Counter("vllm:eplb_plans", "EPLB plans by outcome (applied, failed).", ["outcome"])

@@ -1,24 +1,20 @@
-"""The plugin inside a vLLM worker: heat collector, planning loop, record mode.
+"""The plugin inside a vLLM worker: the heat collector and the vLLM adapter of the
+planning loop (record mode).
 
 One :class:`WorkerEplb` per model runner. Shapes: ``L`` MoE layers, ``E`` logical
 experts, ``R`` EP ranks, ``K`` slots per rank; table ``[L, R, K]``; heat ``[L, E]`` (or
 ``[T, L, E]`` for the ``steps`` window).
 
-The loop, identical on every rank so its collectives line up (all ranks run the same
-forward steps under TP/PP; data parallelism is refused at start-up):
+Every step the routers' capture hooks count ``topk_ids`` on the device; after the step
+the engine-free :class:`~vllm_eplb_plugin.loop.PlanningLoop` runs on vLLM's world group
+(its CPU/gloo side; all ranks run the same forward steps under TP/PP, and data
+parallelism is refused at start-up). This module holds what is vLLM's: the runner's
+hooks, its host-side batch state, the routers, the start-up config check.
 
-1. every step: the routers' capture hooks count ``topk_ids`` on the device;
-2. every ``expert_heat_collection_interval`` steps: heat is all-gathered over vLLM's
-   world group (CPU/gloo side) and rank 0 hands ``(table, heat)`` to the planner child;
-3. each following step: rank 0 broadcasts whether the plan is ready; after
-   ``algorithm_execution_interval`` steps without one it gives up (and restarts the child);
-4. a ready plan is broadcast, the current table is verified across ranks, every rank
-   adopts the new table, rank 0 writes ``expert_map_record_path`` and logs the plan.
-
-Without engine EPLB (CPU, or ``--enable-eplb`` off) weights do not move: the plan is
+Without engine EPLB (CPU, or ``--enable-eplb`` off) weights do not move: each plan is
 recorded for the next start (``expert_map_path``). With ``--enable-eplb``, vLLM's
 ``EplbState`` plans and moves weights by calling our policy through
-:mod:`.vllm_policy`; this loop then only collects heat.
+:mod:`.vllm_policy`; the loop then only collects heat.
 """
 
 from __future__ import annotations
@@ -32,19 +28,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import EplbConfig, EplbConfigError
-from ..consistency import table_summary, verify_consistency
+from ..consistency import table_summary
 from ..heat import HeatCounter
-from ..metrics import balancedness
-from ..placement import changed_slots, default_table, load_expert_map, num_experts_of, save_expert_map
-from ..planner import Planner, PlanOutcome, PlanStatus
+from ..loop import PlanningLoop
+from ..placement import default_table, load_expert_map, num_experts_of
 from ..registry import resolve_policy_name
 
 # A child of vLLM's logger, so our lines go where vLLM's go, with its format and level.
 logger = logging.getLogger("vllm.eplb_plugin")
 
 STATE_ATTR = "_vllm_eplb_state"
-_WAIT = -1  # rank 0 broadcasts this, or the index of the outcome's PlanStatus, each step
-_STATUSES = list(PlanStatus)
 _OURS = "_vllm_eplb_counts"  # marks our capture function on a router
 
 # Keys of Hugging Face configs that give the number of routed experts.
@@ -252,32 +245,25 @@ class WorkerEplb:
             router.set_capture_fn(router.capture_fn)  # chains ours onto whatever is there
 
         world = get_world_group()
-        self.group, self.rank = world.cpu_group, world.rank_in_group
-        self.table = self._initial_table(_ep_ranks(runner.parallel_config))
-        verify_consistency(self.table, self.group, what="expert table at start-up")
-
+        self.rank = world.rank_in_group
         engine_eplb = bool(runner.parallel_config.enable_eplb)
-        planning = config.dynamic_eplb and not engine_eplb
-        self.planner = Planner(config) if planning and self.rank == 0 else None
-        if self.planner is not None:
-            self.planner.warm()
-        self.planning = planning
-        self.pending_steps: int | None = None  # steps waited for the plan in flight
-        self.pending_load: np.ndarray | None = None  # [L, E] heat of the plan in flight
-        self.plans = self.steps = 0
         self.metrics = None
         if self.rank == 0:
             from .prometheus import EplbMetrics
 
-            self.metrics = EplbMetrics()
+            self.metrics = EplbMetrics.shared()
             self.metrics.start_exporter(self.counter)  # daemon thread, ends with the worker
+        self.loop = PlanningLoop(config, self._initial_table(_ep_ranks(runner.parallel_config)), self.counter,
+                                 world.cpu_group, planning=not engine_eplb, observer=self.metrics)
+        if self.rank == 0:
+            table = self.loop.table
             logger.info(
                 "EPLB: collecting heat on %d MoE layers x %d experts (top-%d, %s forward); table %s from %s "
                 "(digest %x); %s",
                 self.num_layers, self.num_experts, routers[0].top_k,
-                "traced" if self.counter.traced else "eager", list(self.table.shape),
-                config.expert_map_path or "vLLM's default placement", int(table_summary(self.table)[3]),
-                "planning every %d steps" % config.expert_heat_collection_interval if planning
+                "traced" if self.counter.traced else "eager", list(table.shape),
+                config.expert_map_path or "vLLM's default placement", int(table_summary(table)[3]),
+                "planning every %d steps" % config.expert_heat_collection_interval if self.loop.planning
                 else "vLLM's EplbState plans" if engine_eplb else "dynamic_eplb off: no planning",
             )
 
@@ -328,118 +314,4 @@ class WorkerEplb:
 
     def end_step(self) -> None:
         self.counter.end_step()
-        self.steps += 1
-        if self.planning:
-            self._tick()
-
-    # -- planning loop -----------------------------------------------------------------------
-
-    def _tick(self) -> None:
-        if self.pending_steps is not None:
-            self.pending_steps += 1
-            self._wait_for_plan()
-        elif self.counter.steps_in_interval >= self.config.expert_heat_collection_interval:
-            self._start_plan()
-
-    def _start_plan(self) -> None:
-        heat = self.counter.close_interval()
-        heat = self._gather_heat(heat)
-        if heat is None or heat.sum() == 0:
-            return
-        self.pending_steps = 0
-        self.pending_load = heat.sum(axis=0) if heat.ndim == 3 else heat
-        if self.planner is not None:
-            self.planner.submit(self.table, heat)
-
-    def _gather_heat(self, heat: np.ndarray) -> np.ndarray | None:
-        """All ranks of a data-parallel-free engine route the same tokens: check they saw
-        the same heat and plan on it. A difference is a bug somewhere; skip this plan."""
-        local = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float64)).reshape(-1)
-        out = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(out, local, group=self.group)
-        differ = [r for r, t in enumerate(out) if not torch.equal(t, out[0])]
-        if differ:
-            if self.rank == 0:
-                logger.error("EPLB: ranks %s counted different heat than rank 0; skipping this plan", differ)
-            return None
-        return heat
-
-    def _wait_for_plan(self) -> None:
-        # Rank 0 decides, then every rank learns the decision from one broadcast.
-        code = torch.tensor([_WAIT], dtype=torch.int64)
-        outcome = self._poll_plan() if self.planner is not None else None
-        if outcome is not None:
-            code[0] = _STATUSES.index(outcome.status)
-        src = dist.get_global_rank(self.group, 0)
-        dist.broadcast(code, src=src, group=self.group)
-        if code.item() == _WAIT:
-            return
-        status = _STATUSES[code.item()]
-        load, self.pending_steps, self.pending_load = self.pending_load, None, None
-        if status is PlanStatus.KEEP and outcome is not None:
-            logger.info("EPLB plan not applied: %s", outcome.message)
-        elif status is PlanStatus.FAILED and outcome is not None:
-            logger.warning("EPLB plan failed, keeping the current table: %s", outcome.summary)
-            logger.debug("EPLB plan failed: %s", outcome.message)
-            if self.metrics is not None:
-                self.metrics.failed()
-        if status is not PlanStatus.ADOPT:
-            return
-        new = torch.from_numpy(outcome.new_table) if outcome is not None else torch.empty(self.table.shape, dtype=torch.int64)
-        dist.broadcast(new, src=src, group=self.group)
-        self._apply(new.numpy(), load, outcome)
-
-    def _poll_plan(self) -> PlanOutcome | None:
-        """Rank 0: the reviewed outcome if the planner has one, or a failure once
-        ``algorithm_execution_interval`` steps have passed without one; else None."""
-        assert self.planner is not None and self.pending_steps is not None
-        outcome = self.planner.poll()
-        if outcome is None and self.pending_steps >= self.config.algorithm_execution_interval:
-            self.planner.close()  # a policy this slow may be stuck: kill it,
-            self.planner.warm()  # and have a fresh child ready for the next interval
-            interval = self.config.algorithm_execution_interval
-            return PlanOutcome(0, PlanStatus.FAILED, self.table,
-                               message=f"no plan within algorithm_execution_interval={interval} steps")
-        return outcome
-
-    def _apply(self, new: np.ndarray, load: np.ndarray, outcome: PlanOutcome | None) -> None:
-        """Adopt ``new [L, R, K]`` on every rank; rank 0 records and reports it against the
-        plan's ``load [L, E]``."""
-        verify_consistency(self.table, self.group, what="expert table before update")
-        old, self.table = self.table, new
-        self.plans += 1
-        if self.rank != 0:
-            return
-        assert outcome is not None
-        before, after = balancedness(old, load), balancedness(new, load)
-        moved = int(changed_slots(old, new).sum())
-        if outcome.message:
-            logger.warning("EPLB plan %d: %s", self.plans, outcome.message)
-        record = self.config.expert_map_record_path
-        if record is not None:
-            self._record(record, new, {
-                "plan": self.plans,
-                "step": self.steps,
-                "policy": resolve_policy_name(self.config.policy),
-                "heat_window": self.config.heat_window,
-                "heat": load.tolist(),
-                "balancedness_before": before.round(6).tolist(),
-                "balancedness_after": after.round(6).tolist(),
-                "layers_changed": list(outcome.changed_layers),
-                "slots_moved": moved,
-                "policy_seconds": round(outcome.seconds, 6),
-            })
-        logger.info(
-            "EPLB plan %d (step %d): %d/%d layers changed, balancedness %.3f -> %.3f (predicted), "
-            "%d/%d slots moved, policy %.1f ms%s",
-            self.plans, self.steps, len(outcome.changed_layers), self.num_layers, before.mean(), after.mean(),
-            moved, new.size, outcome.seconds * 1e3, f"; recorded to {record}" if record else "",
-        )
-        if self.metrics is not None:
-            self.metrics.plan(float(before.mean()), float(after.mean()), len(outcome.changed_layers), moved, outcome.seconds)
-
-    def _record(self, path: str, table: np.ndarray, extra: dict) -> None:
-        try:
-            save_expert_map(path, table, extra=extra)
-        except OSError as exc:  # a full disk must not stop serving; the next plan retries
-            logger.error("EPLB: could not write expert_map_record_path=%r: %s", path, exc)
+        self.loop.step()

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..metrics import balancedness
 from ..placement import changed_slots, expert_to_slot_load, logcnt, validate_table
-from ..planner import check_plan
+from ..planner import check_plan, review_plan
 from ..policy import PolicyConfig
 from ..registry import create_policy, resolve_policy_name
 from .protocol import ProtocolError, recv, resolve_auth_key, send
@@ -322,8 +322,10 @@ class Scheduler:
             return self._broadcast({"type": "keep", "round": rnd, "layer": layer, "reason": reason})
         ms = (time.perf_counter() - start) * 1e3
         before, after = float(balancedness(old, load[None])[0]), float(balancedness(new, load[None])[0])
-        if moved == 0 or after <= before + 1e-9:
-            reason = "the policy keeps the table" if moved == 0 else f"the plan is predicted no better ({after:.3f} vs {before:.3f})"
+        new, layers, note = review_plan(old, new, load[None])
+        if not layers:
+            reason = ("the policy keeps the table" if moved == 0 else note
+                      or f"the plan is predicted no better ({after:.3f} vs {before:.3f})")
             return self._broadcast({"type": "keep", "round": rnd, "layer": layer, "reason": reason})
         self.tables[layer] = new[0]
         self.plans += 1
