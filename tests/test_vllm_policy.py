@@ -70,3 +70,38 @@ def test_adapter_rejects_replicas_that_do_not_divide():
     cls = vllm_policy_class(DeepSeekPolicy())
     with pytest.raises(ValueError, match="num_replicas=10 is not a multiple of num_ranks=4"):
         cls.rebalance_experts(torch.ones(1, 8), 10, 1, 1, 4)
+
+
+def _phy2log(cls, weight, ranks, slots, old):
+    return cls.rebalance_experts(weight, ranks * slots, 1, 1, ranks, None if old is None else torch.from_numpy(old))
+
+
+def test_a_failing_policy_keeps_vllms_map_instead_of_stopping_its_engine(caplog):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from flaky_policies import InvalidTablePolicy, RaisingPolicy
+
+    old = DeepSeekPolicy().rebalance_experts(default_table(2, 4, 3, 10), np.ones((2, 4, 3))).new_table
+    weight = torch.from_numpy(np.random.default_rng(0).zipf(1.5, size=(2, 10)).astype(np.float32))
+    for policy, reason in [(RaisingPolicy(), "RuntimeError: boom from RaisingPolicy"),
+                           (InvalidTablePolicy(), "InvalidExpertTable: policy's new table")]:
+        with caplog.at_level("ERROR", logger="vllm.eplb_plugin"):
+            out = _phy2log(vllm_policy_class(policy), weight, 4, 3, old.reshape(2, -1))
+        np.testing.assert_array_equal(out.numpy().reshape(old.shape), old)
+        assert f"failed inside vLLM's EplbState, keeping the placement: {reason}" in caplog.text
+
+
+def test_maps_our_invariants_cannot_start_from_are_planned_afresh_or_kept():
+    weight = torch.from_numpy(np.random.default_rng(1).zipf(1.5, size=(2, 8)).astype(np.float32))
+    cls = vllm_policy_class(DeepSeekPolicy())
+    # Elastic EP pads the old map with -1: plan from vLLM's default placement.
+    padded = default_table(2, 4, 3, 8).reshape(2, -1).copy()
+    padded[:, -3:] = -1
+    out = _phy2log(cls, weight, 4, 3, padded).numpy().reshape(2, 4, 3)
+    validate_table(out, 8)
+    # One rank with more slots than experts (vLLM's own initial map repeats experts): kept.
+    single = (np.arange(10) % 8)[None].repeat(2, axis=0)
+    out = _phy2log(cls, weight, 1, 10, single).numpy()
+    np.testing.assert_array_equal(out, single)

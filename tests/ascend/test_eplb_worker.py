@@ -292,3 +292,20 @@ def test_ep_rank_0_reports_each_plan_to_prometheus_like_on_vllm(vllm_config, mon
         heat = slot_to_expert_load(table, load.astype(float), 10)
         assert sample("vllm:eplb_predicted_balancedness") == pytest.approx(balancedness(outcome.new_table, heat).mean())
         assert sample("vllm:eplb_balancedness") == pytest.approx(balancedness(table, heat).mean())
+
+
+def test_eplb_policy_type_3_hands_a_per_step_series_to_our_policy(vllm_config, rejections):
+    rng = np.random.default_rng(9)
+    table = default_table(2, 4, 3, 10)
+    series = np.stack([_load(rng, table, 10) for _ in range(5)])  # [T, L, R, K], as vLLM Ascend gathers it for type 3
+    worker, shared = _worker(vllm_config, {"policy": "flashlb"}, table, 10, series, policy_type=3)
+    try:
+        assert worker.multi_stage and worker.do_update() is not None
+    finally:
+        worker.policy.close()
+    heat = slot_to_expert_load(table, series.astype(float), 10)  # [T, L, E]
+    planned = create_policy("flashlb").rebalance_experts(table, series).new_table
+    expected, layers, _ = review_plan(table, planned, heat.sum(axis=0))
+    assert layers and worker.policy.last_outcome.status is PlanStatus.ADOPT
+    np.testing.assert_array_equal(_table_of(shared["expert_maps"]), expected)
+    assert rejections == []

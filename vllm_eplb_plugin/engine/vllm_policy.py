@@ -12,13 +12,18 @@ Shapes: ``weight [L, E]``; ``old_global_expert_indices`` and the result ``[L, S]
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from ..config import EplbConfig
-from ..placement import default_table, expert_to_slot_load
+from ..placement import InvalidExpertTable, default_table, expert_to_slot_load, validate_table
+from ..planner import check_plan
 from ..policy import EplbPolicy, PolicyConfig
 from ..registry import create_policy
+
+logger = logging.getLogger("vllm.eplb_plugin")
 
 
 def vllm_policy_class(policy: EplbPolicy) -> type:
@@ -46,27 +51,54 @@ def vllm_policy_class(policy: EplbPolicy) -> type:
             num_layers, num_experts = load.shape
             if num_replicas % num_ranks:
                 raise ValueError(f"num_replicas={num_replicas} is not a multiple of num_ranks={num_ranks}")
-            slots = num_replicas // num_ranks
-            if old_global_expert_indices is None:
-                table = default_table(num_layers, num_ranks, slots, num_experts)
-            else:
-                table = old_global_expert_indices.detach().cpu().numpy().astype(np.int64)
-                table = table.reshape(num_layers, num_ranks, slots)
+            old = None
+            if old_global_expert_indices is not None:
+                old = old_global_expert_indices.detach().cpu().numpy().astype(np.int64)
+                old = old.reshape(num_layers, num_ranks, num_replicas // num_ranks)
             base = cls.plugin_policy
-            runner = type(base)(
-                PolicyConfig(
-                    num_nodes=num_nodes,
-                    num_groups=num_groups,
-                    max_move=base.config.max_move,
-                    options=dict(base.config.options),
-                )
-            )
-            result = runner.rebalance_experts(table, expert_to_slot_load(table, load))
-            new = np.asarray(result.new_table, dtype=np.int64).reshape(num_layers, num_replicas)
-            return torch.from_numpy(new).to(weight.device)
+            runner = type(base)(PolicyConfig(num_nodes=num_nodes, num_groups=num_groups,
+                                             max_move=base.config.max_move, options=dict(base.config.options)))
+            new = plan_or_keep(runner, old, load, num_ranks, num_replicas // num_ranks)
+            return torch.from_numpy(new.reshape(num_layers, num_replicas)).to(weight.device)
 
     PluginEplbPolicy.__name__ = PluginEplbPolicy.__qualname__ = f"Plugin{type(policy).__name__}"
     return PluginEplbPolicy
+
+
+def _start_table(old: np.ndarray | None, num_layers: int, num_ranks: int, slots: int, num_experts: int) -> np.ndarray:
+    """The table to plan from: vLLM's old map when it is valid, else vLLM's default
+    placement (an elastic-EP map padded with -1, or one with an expert twice on a rank)."""
+    if old is not None:
+        try:
+            return validate_table(old, num_experts, name="vLLM's old map")
+        except InvalidExpertTable as exc:
+            logger.warning("EPLB plugin: planning from the default placement: %s", exc)
+    return default_table(num_layers, num_ranks, slots, num_experts)
+
+
+def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, num_ranks: int, slots: int) -> np.ndarray:
+    """Run ``policy`` on ``load [L, E]`` from ``old [L, R, K]`` (or vLLM's default
+    placement); never raises inside vLLM's EplbState.
+
+    A policy that raises or returns an invalid table keeps the table it started from;
+    where no table without an expert twice on a rank exists (more slots per rank than
+    experts), vLLM's map is kept as it is. Each case is one log line.
+    """
+    num_layers, num_experts = load.shape
+    try:
+        start = _start_table(old, num_layers, num_ranks, slots, num_experts)
+    except ValueError as exc:  # K > E: every table repeats an expert on some rank
+        logger.warning("EPLB plugin: keeping vLLM's map: %s", exc)
+        if old is not None:
+            return old
+        return np.arange(num_layers * num_ranks * slots).reshape(num_layers, num_ranks, slots) % num_experts
+    try:
+        result = policy.rebalance_experts(start, expert_to_slot_load(start, load))
+        return check_plan(start, result.new_table, num_experts)
+    except Exception as exc:  # noqa: BLE001 - an exception here would stop vLLM's engine
+        logger.error("EPLB plugin: policy %s failed inside vLLM's EplbState, keeping the placement: %s: %s",
+                     policy.name or type(policy).__name__, type(exc).__name__, exc)
+        return start
 
 
 def install_vllm_policy(config: EplbConfig, key: str = "default") -> type:
