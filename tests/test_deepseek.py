@@ -88,8 +88,16 @@ def test_hierarchical_shape_errors_name_the_fix():
     with pytest.raises(ValueError, match="num_groups=4 must divide the 6 experts"):
         create_policy("deepseek", PolicyConfig(num_groups=4, num_nodes=2)).rebalance_experts(table, load)
     with pytest.raises(ValueError, match="fewer than the 3 slots per rank; lower num_nodes"):
-        create_policy("deepseek", PolicyConfig(num_groups=2, num_nodes=2)).rebalance_experts(
-            default_table(1, 4, 3, 4), np.ones((1, 4, 3)))
+        deepseek_phy2log(np.ones((1, 4)), 4, 3, 2, 2)
+
+
+def test_hierarchical_with_more_slots_than_a_node_holds_places_globally(caplog):
+    # R=2, E=8, K=6, 8 groups, 2 nodes: a node would hold 4 experts for 6 slots per rank.
+    table, load = default_table(1, 2, 6, 8), np.random.default_rng(0).integers(1, 100, (1, 2, 6))
+    with caplog.at_level("WARNING", logger="vllm_eplb_plugin"):
+        new = create_policy("deepseek", PolicyConfig(num_groups=8, num_nodes=2)).rebalance_experts(table, load).new_table
+    np.testing.assert_array_equal(new, create_policy("deepseek").rebalance_experts(table, load).new_table)
+    assert "6 slots per rank exceed the 4 experts each of num_nodes=2 nodes holds; placing globally" in caplog.text
 
 
 def test_balances_a_skewed_layer_hand_checked():

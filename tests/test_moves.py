@@ -1,4 +1,4 @@
-"""Bounded moves (max_move), slot preservation and duplicate separation."""
+"""Repairing engine tables, bounded moves (max_move), slot preservation and duplicate separation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vllm_eplb_plugin import PolicyConfig, create_policy
-from vllm_eplb_plugin.moves import limit_moves, preserve_slots, separate_duplicates
-from vllm_eplb_plugin.placement import changed_slots, default_table, expert_to_slot_load, rank_load, validate_table
+from vllm_eplb_plugin.moves import broken_slots, limit_moves, preserve_slots, repair_table, separate_duplicates
+from vllm_eplb_plugin.placement import InvalidExpertTable, changed_slots, default_table, expert_to_slot_load, rank_load, validate_table
 
 
 def _peak(table, load):
@@ -88,3 +88,44 @@ def test_separate_duplicates_swaps_with_an_equal_load_replica():
     validate_table(out, 5)
     # The duplicate 0 (10/2 = 5 per replica) swaps with expert 3 (5 per replica): loads kept.
     assert out.tolist() == [[[0, 3, 1], [2, 0, 4]]]
+
+
+def test_repair_returns_a_valid_table_itself():
+    table = default_table(2, 4, 3, 10)
+    assert repair_table(table, 10) is table
+
+
+def test_repair_hand_checked():
+    # Elastic EP pads the last rank with -1: the two empty slots get the experts with the
+    # fewest replicas that rank lacks (all have one; lowest ids first).
+    padded = np.array([[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, -1, -1]]])
+    assert repair_table(padded, 10).tolist() == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]]]
+    # Expert 0 twice on rank 0: the second copy gets the expert with the fewest replicas
+    # that rank lacks (all have one but 0; lowest id first).
+    twice = np.array([[[0, 0, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]]])
+    assert repair_table(twice, 10).tolist() == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]]]
+    # More missing experts than broken slots: a replica of the most-replicated expert goes.
+    crowded = np.array([[[0, 1], [0, 2], [0, 1]]])  # 4 experts, 3 is missing
+    assert repair_table(crowded, 4).tolist() == [[[0, 1], [0, 2], [3, 1]]]
+
+
+def test_repair_keeps_every_valid_slot_when_it_can():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        R, K = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+        E = int(rng.integers(K, R * K + 1))
+        table = default_table(2, R, K, E)
+        broken = rng.random(table.shape) < 0.3
+        table = np.where(broken, rng.integers(-1, E, table.shape), table)  # -1, duplicates, lost experts
+        out = repair_table(table, E)
+        validate_table(out, E)
+        bad = broken_slots(table, E)
+        held = np.array([np.isin(np.arange(E), table[l][~bad[l]]) for l in range(2)])  # [L, E]
+        for l in range(2):
+            if (~held[l]).sum() <= bad[l].sum():  # room for every missing expert: valid slots stay
+                np.testing.assert_array_equal(out[l][~bad[l]], table[l][~bad[l]])
+
+
+def test_repair_names_a_shape_no_valid_table_has():
+    with pytest.raises(InvalidExpertTable, match=r"no valid table has 1 ranks x 10 slots for 8 experts"):
+        repair_table((np.arange(10) % 8).reshape(1, 1, 10), 8)

@@ -264,3 +264,15 @@ def test_max_move_bounds_every_new_policy_and_never_loses(name, max_move):
     validate_table(new, 32)
     assert np.all(changed_slots(table, new) <= max_move)
     assert np.all(rank_load(new, load).max(axis=1) <= rank_load(table, load).max(axis=1) + 1e-9)
+
+
+@pytest.mark.parametrize("name", ["swift", "optimal", "flashlb", "deepseek"])
+def test_loads_whose_sum_overflows_plan_like_their_scaled_down_copy(name):
+    table = default_table(2, 4, 3, 10)
+    load = np.random.default_rng(3).uniform(0.1, 1.0, table.shape)
+    huge = load * 1.7e308  # finite, but any sum over slots overflows
+    with np.errstate(over="ignore"):
+        assert np.isfinite(huge).all() and not np.isfinite(huge.sum())
+    got = create_policy(name).rebalance_experts(table, huge).new_table
+    validate_table(got, 10)
+    np.testing.assert_array_equal(got, create_policy(name).rebalance_experts(table, huge / huge.max()).new_table)

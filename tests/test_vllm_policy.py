@@ -13,6 +13,7 @@ from vllm.distributed.eplb.policy import EPLB_POLICIES, AbstractEplbPolicy  # no
 
 from vllm_eplb_plugin.config import EplbConfig  # noqa: E402
 from vllm_eplb_plugin.engine.vllm_policy import install_vllm_policy, vllm_policy_class  # noqa: E402
+from vllm_eplb_plugin.moves import repair_table  # noqa: E402
 from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, validate_table  # noqa: E402
 from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy  # noqa: E402
 from vllm_eplb_plugin.policy import PolicyConfig  # noqa: E402
@@ -96,12 +97,40 @@ def test_a_failing_policy_keeps_vllms_map_instead_of_stopping_its_engine(caplog)
 def test_maps_our_invariants_cannot_start_from_are_planned_afresh_or_kept():
     weight = torch.from_numpy(np.random.default_rng(1).zipf(1.5, size=(2, 8)).astype(np.float32))
     cls = vllm_policy_class(DeepSeekPolicy())
-    # Elastic EP pads the old map with -1: plan from vLLM's default placement.
+    # Elastic EP pads the old map with -1: plan from it with those slots repaired.
     padded = default_table(2, 4, 3, 8).reshape(2, -1).copy()
     padded[:, -3:] = -1
     out = _phy2log(cls, weight, 4, 3, padded).numpy().reshape(2, 4, 3)
     validate_table(out, 8)
+    start = repair_table(padded.reshape(2, 4, 3), 8)
+    ours = DeepSeekPolicy().rebalance_experts(start, expert_to_slot_load(start, weight.double().numpy())).new_table
+    np.testing.assert_array_equal(out, ours)
     # One rank with more slots than experts (vLLM's own initial map repeats experts): kept.
     single = (np.arange(10) % 8)[None].repeat(2, axis=0)
     out = _phy2log(cls, weight, 1, 10, single).numpy()
     np.testing.assert_array_equal(out, single)
+
+
+def test_our_policies_plan_from_the_maps_vllms_policy_makes():
+    """vLLM's DefaultEplbPolicy puts an expert twice on a GPU on skewed loads; a deployment
+    that switches to ours starts from such a map and must get a valid plan."""
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    from vllm_eplb_plugin.registry import available_policies, create_policy
+
+    rng = np.random.default_rng(0)
+    with_duplicates = 0
+    for _ in range(60):
+        layers, ranks, slots = 2, int(rng.integers(2, 6)), int(rng.integers(2, 5))
+        experts = int(rng.integers(max(slots, ranks * slots - ranks), ranks * slots + 1))
+        weight = torch.from_numpy(rng.zipf(1.2, size=(layers, experts)).astype(np.float32))
+        phy2log = DefaultEplbPolicy.rebalance_experts(weight, ranks * slots, 1, 1, ranks)  # [L, S]
+        table = phy2log.numpy().reshape(layers, ranks, slots)
+        srt = np.sort(table, axis=-1)
+        with_duplicates += bool((srt[..., 1:] == srt[..., :-1]).any())
+        load = expert_to_slot_load(np.clip(table, 0, None), weight.double().numpy())
+        for name in available_policies():
+            new = create_policy(name).rebalance_experts(table, load).new_table
+            validate_table(new, experts)
+    print(f"{with_duplicates} of 60 maps from vLLM's policy hold an expert twice on a rank")
+    assert with_duplicates >= 10  # the case this test is about does occur

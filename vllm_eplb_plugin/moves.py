@@ -1,4 +1,5 @@
-"""Edits between two expert tables: keep slots in place, separate duplicates, bound moves.
+"""Edits between two expert tables: repair an engine's table, keep slots in place,
+separate duplicates, bound moves.
 
 All tables are ``int64 [L, R, K]`` (or ``[R, K]`` for one layer where a name says so);
 ``expert_load`` is ``float64 [L, E]`` (or ``[E]`` for one layer).
@@ -8,9 +9,75 @@ from __future__ import annotations
 
 import numpy as np
 
-from .placement import changed_slots
+from .placement import InvalidExpertTable, changed_slots
 
-__all__ = ["preserve_slots", "moved_within_rank", "separate_duplicates", "limit_moves"]
+__all__ = ["repair_table", "preserve_slots", "moved_within_rank", "separate_duplicates", "limit_moves"]
+
+
+def broken_slots(table: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[L, R, K]`` bool: slots that break an invariant, an id outside ``[0, E)`` (-1
+    padding) or a second copy of an expert on its rank (the first copy is kept)."""
+    bad = (table < 0) | (table >= num_experts)
+    same = (table[..., :, None] == table[..., None, :]) & np.tri(table.shape[-1], k=-1, dtype=bool)  # [L, R, K, K]
+    return bad | same.any(axis=-1)
+
+
+def repair_table(table: np.ndarray, num_experts: int) -> np.ndarray:
+    """The valid table closest to an engine's ``table [L, R, K]``; ``table`` itself when
+    it is valid.
+
+    Engines hold tables the invariants refuse: an old map padded with -1 (vLLM's elastic
+    EP), an expert twice on one rank (vLLM's and DeepSeek's reference policies on skewed
+    load), a layer missing an expert. Per broken layer, every slot in
+    :func:`broken_slots` is emptied; experts no slot holds are placed first (freeing a slot
+    of the most-replicated expert while there are fewer empty slots than missing
+    experts), then each remaining empty slot gets the expert with the fewest replicas that
+    its rank lacks. Valid slots stay. Raises :class:`InvalidExpertTable` when no valid table
+    of this shape exists (``K > E`` or ``R * K < E``).
+    """
+    L, R, K = table.shape
+    E = int(num_experts)
+    if K > E or R * K < E:
+        raise InvalidExpertTable(
+            f"no valid table has {R} ranks x {K} slots for {E} experts: every rank needs {K} distinct experts "
+            f"and every expert a slot; such a table must hold an expert twice on a rank or drop one."
+        )
+    # Cheap screen first (a valid table is the common case): per layer, a repeat or an
+    # id out of range in the per-rank sorted rows.
+    srt = np.sort(table, axis=-1)
+    suspect = ((srt[..., 1:] == srt[..., :-1]).any(axis=(1, 2)) | (srt[..., 0] < 0).any(axis=1)
+               | (srt[..., -1] >= E).any(axis=1))  # [L]
+    broken = np.zeros(table.shape, dtype=bool)
+    broken[suspect] = broken_slots(table[suspect], E)
+    valid = np.where(broken, E, table)  # E: an empty slot, counted in a spare bin
+    key = valid.reshape(L, -1) + (np.arange(L) * (E + 1))[:, None]
+    counts = np.bincount(key.ravel(), minlength=L * (E + 1)).reshape(L, E + 1)
+    todo = np.flatnonzero(broken.reshape(L, -1).any(axis=1) | (counts[:, :E] == 0).any(axis=1))
+    if not todo.size:
+        return table
+    out = valid.copy()
+    for l in todo:
+        _repair_layer(out[l], counts[l, :E])
+    return out
+
+
+def _repair_layer(t: np.ndarray, counts: np.ndarray) -> None:
+    """Fill the empty slots (value ``E``) of one layer ``t [R, K]`` in place."""
+    E = counts.shape[0]
+    missing = list(np.flatnonzero(counts == 0))
+    while (t == E).sum() < len(missing):  # free a replica of the most-replicated expert
+        e = int(np.argmax(counts))
+        r, k = np.argwhere(t == e)[-1]
+        t[r, k] = E
+        counts[e] -= 1
+    for r, k in np.argwhere(t == E):
+        if missing:  # an expert no slot holds fits any rank
+            e = missing.pop(0)
+        else:
+            lacking = np.setdiff1d(np.arange(E), t[r])
+            e = int(lacking[np.argmin(counts[lacking])])
+        t[r, k] = e
+        counts[e] += 1
 
 
 def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -18,9 +18,11 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 
 import numpy as np
 
-from .moves import limit_moves, preserve_slots
+from .moves import limit_moves, preserve_slots, repair_table
 from .placement import (
     _to_numpy,
+    as_table,
+    expert_to_slot_load,
     num_experts_of,
     rank_load,
     slot_to_expert_load,
@@ -120,7 +122,8 @@ def as_workload(workload: Any, table_shape: tuple[int, int, int], *, name: str =
     """Validate a per-slot workload and return it as ``float64 [T, L, R, K]``.
 
     Accepts ``[L, R, K]`` (returned with ``T = 1``) or ``[T, L, R, K]``; values must be
-    finite and non-negative.
+    finite and non-negative. Loads whose sum would overflow float64 are divided by their
+    maximum (a placement depends only on load ratios).
     """
     arr = _to_numpy(workload)
     if arr.ndim == 3:
@@ -138,6 +141,10 @@ def as_workload(workload: Any, table_shape: tuple[int, int, int], *, name: str =
     if np.any(arr < 0):
         idx = tuple(int(i) for i in np.argwhere(arr < 0)[0])
         raise ValueError(f"{name} holds a negative load {arr[idx]} at index {idx}; loads are token counts.")
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(arr.sum())
+    if overflows:  # finite loads whose sum does not fit float64: placements are scale-free
+        arr = arr / arr.max()
     return arr
 
 
@@ -188,22 +195,34 @@ class EplbPolicy(ABC):
 
 
 class PlacementPolicy(EplbPolicy):
-    """Template for policies that compute a target table: validates inputs, applies
+    """Template for policies that compute a target table: accepts any table an engine
+    holds (repairing -1 padding, an expert twice on a rank, a missing expert with
+    :func:`~.moves.repair_table`; the repaired slots are changes ``max_move`` does not
+    count), validates inputs, applies
     ``max_move`` (keeping the moves that gain most), keeps every expert that stays on a
     rank in its slot (engines reject a plan that moves weights within a rank) and fills
     in ``PolicyResult``."""
 
     def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:
-        table = validate_table(current_expert_table, name="current_expert_table")
-        series = as_workload(expert_workload, table.shape)
-        num_experts = num_experts_of(table)
+        held = as_table(current_expert_table, name="current_expert_table")  # what the engine holds
+        series = as_workload(expert_workload, held.shape)
+        num_experts = num_experts_of(held)
+        table = repair_table(held, num_experts)
+        if table is not held:  # -1 padding, an expert twice on a rank, a missing expert
+            # Read the engine's slots as load per expert, then spread it over the repaired table.
+            ok = (held >= 0) & (held < num_experts)
+            per_expert = slot_to_expert_load(np.where(ok, held, 0), series * ok, num_experts)  # [T, L, E]
+            series = expert_to_slot_load(table, per_expert)
         expert_load = slot_to_expert_load(table, series.sum(axis=0), num_experts)
         # An invalid target is the policy's bug: name it here, before slots are matched.
         target = validate_table(self.place(table, series, expert_load), num_experts,
                                 name=f"{self.name or type(self).__name__}.place() result")
+        # Slots first, so that max_move spends no move on reordering a rank; every table
+        # on the way from ``table`` to a slot-kept target keeps slots too.
+        new = preserve_slots(table, target)
         if self.config.max_move is not None:
-            target = limit_moves(table, target, expert_load, self.config.max_move)
-        return make_result(table, preserve_slots(table, target), expert_load)
+            new = limit_moves(table, new, expert_load, self.config.max_move)
+        return make_result(table, new, expert_load)._replace(changed=bool(np.any(new != held)))
 
     @abstractmethod
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:

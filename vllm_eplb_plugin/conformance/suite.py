@@ -3,8 +3,9 @@
 ``run_conformance(policy)`` runs every property over generated cases and returns a
 ``Report`` whose ``format()`` lists each failing property with hypothesis' minimal
 (shrunk) example. Cases cover: one layer, one slot per rank, no redundant slots, one
-rank, all-zero load, ties, one expert taking all load, huge loads, per-step series
-``[T, L, R, K]``, shuffled starting tables and ``max_move`` bounds.
+rank, all-zero load, ties, one expert taking all load, huge loads, loads whose sum
+overflows float64, per-step series ``[T, L, R, K]``, shuffled starting tables, tables as
+engines hand them over (an expert twice on a rank, -1 padding) and ``max_move`` bounds.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..moves import moved_within_rank
+from ..moves import moved_within_rank, repair_table
 from ..placement import InvalidExpertTable, changed_slots, default_table, num_experts_of, validate_table
 from ..policy import EplbPolicy, PolicyConfig, PolicyResult
 from ..registry import load_policy_class
 
 __all__ = ["Case", "cases", "PROPERTIES", "Failure", "Report", "run_conformance", "run_property"]
 
-LOAD_KINDS = ("random", "zipf", "zero", "ties", "one_hot", "huge")
+LOAD_KINDS = ("random", "zipf", "zero", "ties", "one_hot", "huge", "overflow")
+ENGINE_QUIRKS = ("none", "none", "duplicate", "padded")
 
 
 @dataclass
@@ -37,11 +39,13 @@ class Case:
     workload: np.ndarray
     load_kind: str
     max_move: int | None
+    quirk: str = "none"
+    """How the table departs from the invariants, as engines' tables do (``ENGINE_QUIRKS``)."""
 
     def __repr__(self) -> str:
         L, R, K = self.table.shape
         return (
-            f"Case(L={L}, R={R}, K={K}, E={num_experts_of(self.table)}, load={self.load_kind!r}, "
+            f"Case(L={L}, R={R}, K={K}, E={num_experts_of(self.table)}, load={self.load_kind!r}, quirk={self.quirk!r}, "
             f"workload_shape={list(self.workload.shape)}, max_move={self.max_move},\n"
             f"     table={self.table.tolist()},\n     workload={self.workload.tolist()})"
         )
@@ -61,7 +65,9 @@ def _workload(rng: np.random.Generator, kind: str, table: np.ndarray, steps: int
         return np.full(shape, 7.0)
     if kind == "one_hot":
         return np.where(table == rng.integers(E), 1000.0, 0.0) * np.ones(shape)
-    return rng.uniform(1e12, 1e15, shape)  # huge
+    if kind == "huge":
+        return rng.uniform(1e12, 1e15, shape)
+    return rng.uniform(1e306, 1.7e308, shape)  # overflow: finite loads whose sum is not
 
 
 @st.composite
@@ -79,10 +85,26 @@ def cases(draw: st.DrawFn, max_layers: int = 3, max_ranks: int = 6, max_slots: i
         relabel = rng.permuted(np.broadcast_to(np.arange(E), (L, E)), axis=1)
         table = np.take_along_axis(relabel, table.reshape(L, -1), axis=1).reshape(L, R, K)
         table = table[:, rng.permutation(R)]
+    table, quirk = _engine_quirk(table, draw(st.sampled_from(ENGINE_QUIRKS)), rng)
     kind = draw(st.sampled_from(LOAD_KINDS))
     steps = draw(st.one_of(st.none(), st.integers(1, 4)))
     max_move = draw(st.one_of(st.none(), st.integers(0, R * K))) if allow_max_move else None
-    return Case(table, _workload(rng, kind, table, steps), kind, max_move)
+    return Case(table, _workload(rng, kind, table, steps), kind, max_move, quirk)
+
+
+def _engine_quirk(table: np.ndarray, quirk: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A table as an engine may hand it over: an expert twice on a rank (vLLM's policy on
+    skewed load), or the last slots padded with -1 (vLLM's elastic EP)."""
+    L, R, K = table.shape
+    out = table.copy()
+    if quirk == "duplicate" and K > 1:
+        l, r = rng.integers(L), rng.integers(R)
+        out[l, r, 1] = out[l, r, 0]
+    elif quirk == "padded" and R * K > 1:
+        out[:, -1, -1] = -1
+    if quirk == "none" or np.array_equal(out, table) or int(out.max()) < int(table.max()):
+        return table, "none"  # nothing changed, or the padding hid the highest id (and so E)
+    return out, quirk
 
 
 # --- properties: each takes (policy class, case, budget) and raises AssertionError ---------
@@ -169,7 +191,11 @@ def prop_max_move(cls: type[EplbPolicy], case: Case, budget: float) -> None:
     result = _call(cls, case, budget, max_move=case.max_move)
     new = np.asarray(result.new_table)
     moved = changed_slots(case.table, new)
-    assert np.all(moved <= case.max_move), f"max_move={case.max_move} but layers moved {moved.tolist()} slots"
+    forced = changed_slots(case.table, repair_table(case.table, num_experts_of(case.table)))  # [L] repairs
+    assert np.all(moved <= case.max_move + forced), (
+        f"max_move={case.max_move} but layers moved {moved.tolist()} slots ({forced.tolist()} of them repairs "
+        "of slots that broke an invariant)"
+    )
     try:
         validate_table(new, num_experts_of(case.table), name="new_table")
     except InvalidExpertTable as exc:

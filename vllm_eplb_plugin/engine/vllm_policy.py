@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..config import EplbConfig
-from ..placement import InvalidExpertTable, default_table, expert_to_slot_load, validate_table
+from ..moves import repair_table
+from ..placement import InvalidExpertTable, default_table, expert_to_slot_load
 from ..planner import check_plan
 from ..policy import EplbPolicy, PolicyConfig
 from ..registry import create_policy
@@ -66,14 +67,16 @@ def vllm_policy_class(policy: EplbPolicy) -> type:
 
 
 def _start_table(old: np.ndarray | None, num_layers: int, num_ranks: int, slots: int, num_experts: int) -> np.ndarray:
-    """The table to plan from: vLLM's old map when it is valid, else vLLM's default
-    placement (an elastic-EP map padded with -1, or one with an expert twice on a rank)."""
-    if old is not None:
-        try:
-            return validate_table(old, num_experts, name="vLLM's old map")
-        except InvalidExpertTable as exc:
-            logger.warning("EPLB plugin: planning from the default placement: %s", exc)
-    return default_table(num_layers, num_ranks, slots, num_experts)
+    """The table to plan from: vLLM's old map, with the slots that break an invariant
+    (-1 padding of elastic EP, an expert twice on a GPU) repaired; vLLM's default placement
+    without one. Raises :class:`InvalidExpertTable` when no valid table exists (K > E)."""
+    if old is None:
+        return default_table(num_layers, num_ranks, slots, num_experts)
+    start = repair_table(old, num_experts)
+    if start is not old:
+        logger.warning("EPLB plugin: vLLM's old map breaks the placement invariants in %d slots; planning from it "
+                       "with those slots repaired", int((start != old).sum()))
+    return start
 
 
 def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, num_ranks: int, slots: int) -> np.ndarray:
@@ -87,7 +90,7 @@ def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, n
     num_layers, num_experts = load.shape
     try:
         start = _start_table(old, num_layers, num_ranks, slots, num_experts)
-    except ValueError as exc:  # K > E: every table repeats an expert on some rank
+    except InvalidExpertTable as exc:  # K > E: every table repeats an expert on some rank
         logger.warning("EPLB plugin: keeping vLLM's map: %s", exc)
         if old is not None:
             return old

@@ -15,10 +15,14 @@ Within a rank, experts the rank already held keep their slots (the template does
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..moves import separate_duplicates
 from ..policy import PlacementPolicy
+
+logger = logging.getLogger("vllm_eplb_plugin")
 
 __all__ = ["DeepSeekPolicy", "replicate", "pack", "deepseek_phy2log"]
 
@@ -139,5 +143,13 @@ class DeepSeekPolicy(PlacementPolicy):
 
     def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         L, R, K = table.shape
-        target = deepseek_phy2log(expert_load, R, K, self.config.num_groups, self.config.num_nodes)
+        groups, nodes = self.config.num_groups, self.config.num_nodes
+        E = expert_load.shape[1]
+        if groups % nodes == 0 and K > E // nodes:
+            # Hierarchical placement keeps E / N experts per node: K slots per rank cannot be
+            # filled without an expert twice on a rank. Global placement can.
+            logger.warning("deepseek: %d slots per rank exceed the %d experts each of num_nodes=%d nodes holds; "
+                           "placing globally (lower num_nodes to keep groups on nodes)", K, E // nodes, nodes)
+            groups = nodes = 1
+        target = deepseek_phy2log(expert_load, R, K, groups, nodes)
         return separate_duplicates(target.reshape(L, R, K), expert_load)
