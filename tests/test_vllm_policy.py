@@ -109,6 +109,7 @@ def test_maps_our_invariants_cannot_start_from_are_planned_afresh_or_kept():
     single = (np.arange(10) % 8)[None].repeat(2, axis=0)
     out = _phy2log(cls, weight, 1, 10, single).numpy()
     np.testing.assert_array_equal(out, single)
+    np.testing.assert_array_equal(_phy2log(cls, weight, 1, 10, None).numpy(), single)  # no old map: vLLM's own
 
 
 def test_our_policies_plan_from_the_maps_vllms_policy_makes():

@@ -19,7 +19,7 @@ import torch
 
 from ..config import EplbConfig
 from ..moves import repair_table
-from ..placement import InvalidExpertTable, default_table, expert_to_slot_load
+from ..placement import default_table, expert_to_slot_load
 from ..planner import check_plan
 from ..policy import EplbPolicy, PolicyConfig
 from ..registry import create_policy
@@ -69,7 +69,7 @@ def vllm_policy_class(policy: EplbPolicy) -> type:
 def _start_table(old: np.ndarray | None, num_layers: int, num_ranks: int, slots: int, num_experts: int) -> np.ndarray:
     """The table to plan from: vLLM's old map, with the slots that break an invariant
     (-1 padding of elastic EP, an expert twice on a GPU) repaired; vLLM's default placement
-    without one. Raises :class:`InvalidExpertTable` when no valid table exists (K > E)."""
+    without one. Raises ``ValueError`` when no valid table exists (K > E)."""
     if old is None:
         return default_table(num_layers, num_ranks, slots, num_experts)
     start = repair_table(old, num_experts)
@@ -90,11 +90,11 @@ def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, n
     num_layers, num_experts = load.shape
     try:
         start = _start_table(old, num_layers, num_ranks, slots, num_experts)
-    except InvalidExpertTable as exc:  # K > E: every table repeats an expert on some rank
+    except ValueError as exc:  # K > E: every table repeats an expert on some rank
         logger.warning("EPLB plugin: keeping vLLM's map: %s", exc)
         if old is not None:
             return old
-        return np.arange(num_layers * num_ranks * slots).reshape(num_layers, num_ranks, slots) % num_experts
+        return np.tile(np.arange(num_ranks * slots) % num_experts, (num_layers, 1)).reshape(num_layers, num_ranks, slots)
     try:
         result = policy.rebalance_experts(start, expert_to_slot_load(start, load))
         return check_plan(start, result.new_table, num_experts)
