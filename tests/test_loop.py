@@ -4,6 +4,8 @@ counter and the real planner child: adopt, keep, failed plan, timeout, skip."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -50,11 +52,14 @@ class _Observer:
         self.failures += 1
 
 
-def _run_loop(rank: int, world: int, eplb: dict, skew_rank: int | None, record: str | None, max_steps: int) -> dict:
+def _run_loop(rank: int, world: int, eplb: dict, skew_rank: int | None, record: str | None, max_steps: int,
+              fifo_after_start: bool = False) -> dict:
     config = EplbConfig(expert_heat_collection_interval=INTERVAL, expert_map_record_path=record, **eplb)
     counter = HeatCounter(L, E, ROWS, TOP_K, traced=False)
     observer = _Observer()
     loop = PlanningLoop(config, default_table(L, world, K, E), counter, None, observer=observer)
+    if fifo_after_start and rank == 0:  # every rank's config passed the start-up check (the loop synced them)
+        os.mkfifo(record)  # now the path is no regular file
     start = loop.table.copy()
     heat = np.zeros((L, E))
     try:
@@ -128,3 +133,10 @@ def test_ranks_that_counted_different_heat_skip_the_plan():
     for rank in out:
         assert rank["pending"] is None and rank["plans"] == 0 and rank["status"] is None
         np.testing.assert_array_equal(rank["table"], rank["start"])
+
+
+def test_a_record_that_cannot_be_written_never_stops_the_loop(tmp_path):
+    fifo = tmp_path / "record.json"
+    out = run_gloo(_run_loop, 3, args=({"policy": "deepseek"}, None, str(fifo), 2000, True))
+    assert [rank["plans"] for rank in out] == [1, 1, 1] and out[0]["status"] == "adopt", out[0]["message"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

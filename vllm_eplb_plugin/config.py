@@ -158,14 +158,23 @@ class EplbConfig:
             _check_record_path(self.expert_map_record_path, f"{where}.expert_map_record_path")
 
     def _check_policy(self, where: str) -> None:
-        from .registry import PolicyLoadError, PolicyNotFound, create_policy
+        from .registry import PolicyLoadError, PolicyNotFound, load_policy_class
 
         try:
-            create_policy(self.policy, self.policy_config())
+            cls = load_policy_class(self.policy)
         except (PolicyNotFound, PolicyLoadError) as exc:
             raise EplbConfigError(f"{where}.policy = {self.policy!r}: {exc}") from exc
+        try:
+            cls._resolve_options_of(self.policy_config())
         except (TypeError, ValueError) as exc:
             raise EplbConfigError(f"{where}.policy_options: {exc}") from exc
+        try:
+            cls(self.policy_config())
+        except Exception as exc:  # noqa: BLE001 - the policy's own bug, reported as one
+            raise EplbConfigError(
+                f"{where}.policy = {self.policy!r}: building the policy raised {type(exc).__name__}: {exc}; "
+                "fix the policy or choose another."
+            ) from exc
 
     # --- views ------------------------------------------------------------------------
 
@@ -199,7 +208,9 @@ def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
         if not meta["min"] <= value <= meta["max"]:
             raise EplbConfigError(f"{key} must be in [{meta['min']}, {meta['max']}]; got {value}.")
     elif meta.get("kind") == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # An int is exact whatever its size (math.isfinite would overflow on 10**400).
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            isinstance(value, int) or math.isfinite(value))
         if not ok or not meta["min"] < value < meta["max"]:
             raise EplbConfigError(f"{key} must be a number strictly between {meta['min']} and {meta['max']}; got {value!r}.")
     elif f.name == "dynamic_eplb":
@@ -224,6 +235,8 @@ def _check_json_name(path: Any, key: str) -> str:
         raise EplbConfigError(f"{key} must be a string path to a .json file; got {path!r} ({type(path).__name__}).")
     if not path.strip():
         raise EplbConfigError(f"{key} is an empty string; give the path of a .json expert map or remove the key.")
+    if "\x00" in path:
+        raise EplbConfigError(f"{key} contains a NUL byte ({path!r}); give a file path.")
     if os.path.splitext(path)[1].lower() != ".json":
         raise EplbConfigError(f"{key} must end in .json; got {path!r}.")
     return path
@@ -231,12 +244,16 @@ def _check_json_name(path: Any, key: str) -> str:
 
 def _check_expert_map_path(path: Any, key: str) -> None:
     path = _check_json_name(path, key)
-    if not os.path.exists(path):
-        raise EplbConfigError(f"{key}: {path!r} does not exist; write one with `vllm-eplb plan` or fix the path.")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise EplbConfigError(f"{key}: {path!r} does not exist; write one with `vllm-eplb plan` or fix the path.") from None
+    except OSError as exc:  # e.g. a directory on the way that this user cannot enter
+        raise EplbConfigError(f"{key}: cannot reach {path!r} ({exc.strerror}); check the permissions of its directories.") from None
     if not os.path.isfile(path):
         raise EplbConfigError(f"{key}: {path!r} is not a regular file.")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:
             fh.read(1)
     except OSError as exc:
         raise EplbConfigError(f"{key}: cannot read {path!r} ({exc.strerror}); check its permissions.") from exc

@@ -201,5 +201,5 @@ class PlanningLoop:
     def _record(self, path: str, table: np.ndarray, extra: dict) -> None:
         try:
             save_expert_map(path, table, extra=extra)
-        except OSError as exc:  # a full disk must not stop serving; the next plan retries
-            logger.error("EPLB: could not write expert_map_record_path=%r: %s", path, exc)
+        except Exception as exc:  # noqa: BLE001 - a record must never stop serving; the next plan retries
+            logger.error("EPLB: could not write expert_map_record_path=%r: %s: %s", path, type(exc).__name__, exc)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any
 
@@ -266,6 +267,9 @@ def table_from_json(doc: Any, *, source: str = "expert map") -> np.ndarray:
             experts = _field(dev, "device_expert", dwhere, list)
             if any(isinstance(e, bool) or not isinstance(e, int) for e in experts):
                 raise InvalidExpertTable(f"{dwhere}.device_expert must be a list of integers; got {experts!r}.")
+            huge = next((e for e in experts if not -(1 << 63) <= e < 1 << 63), None)
+            if huge is not None:
+                raise InvalidExpertTable(f"{dwhere}.device_expert holds {huge}, which is no expert id (ids are 0..E-1).")
             if did in by_id:
                 raise InvalidExpertTable(f"{where}: device_id {did} appears twice.")
             by_id[did] = experts
@@ -286,13 +290,32 @@ def table_from_json(doc: Any, *, source: str = "expert map") -> np.ndarray:
     return validate_table(np.array([rows[l] for l in range(num_layers)], dtype=np.int64), name=source)
 
 
+MAX_MAP_BYTES = 64 << 20
+"""An expert map larger than this is refused (DeepSeek-V3's is about 100 KiB)."""
+
+
 def load_expert_map(path: str | os.PathLike) -> np.ndarray:
-    """Read and validate an expert-map JSON file -> ``table [L, R, K]``."""
+    """Read and validate an expert-map JSON file -> ``table [L, R, K]``.
+
+    Every problem with the file (unreadable, not UTF-8, not JSON, nested or numbered
+    beyond what JSON maps need, an invalid table) is an :class:`InvalidExpertTable` that
+    names the file.
+    """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as exc:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MAP_BYTES + 1)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise InvalidExpertTable(f"cannot read expert map {path!r}: {exc}.") from exc
+    if len(data) > MAX_MAP_BYTES:
+        raise InvalidExpertTable(f"expert map {path!r} is larger than {MAX_MAP_BYTES >> 20} MiB; it is not an expert map.")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidExpertTable(f"expert map {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    except RecursionError as exc:
+        raise InvalidExpertTable(f"expert map {path!r} is nested too deeply to be an expert map.") from exc
+    except ValueError as exc:  # JSONDecodeError, or an integer with thousands of digits
         raise InvalidExpertTable(f"expert map {path!r} is not valid JSON: {exc}.") from exc
     return table_from_json(doc, source=f"expert map {path!r}")
 
@@ -303,18 +326,38 @@ def _umask() -> int:
     return mask
 
 
+def _target_mode(path: str) -> int:
+    """The mode the written map gets: an existing file's, else the usual one. Refuses a
+    target that is not a regular file: renaming over a device, a FIFO or a symbolic link
+    would replace it with a regular file."""
+    if "\x00" in path:
+        raise ValueError(f"expert map path {path!r} contains a NUL byte; give a file path.")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path!r} is a symbolic link; write the expert map to the file it points to "
+                         f"({os.path.realpath(path)!r}) or to a new path.")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path!r} exists and is not a regular file; write the expert map to a regular file path.")
+    return stat.S_IMODE(st.st_mode)
+
+
 def save_expert_map(path: str | os.PathLike, table: Any, *, extra: dict | None = None) -> None:
     """Validate ``table [L, R, K]`` and write it atomically (temp file + rename), so a
     reader never sees a half-written map.
 
     ``extra`` (JSON-serialisable) is stored under the top-level key ``"eplb"``: readers
-    of the vLLM Ascend format, ours included, ignore keys they do not know.
+    of the vLLM Ascend format, ours included, ignore keys they do not know. An existing
+    file keeps its mode; a target that is not a regular file raises ``ValueError``.
     """
     t = validate_table(table)
     doc = table_to_json(t)
     if extra is not None:
         doc["eplb"] = extra
     path = os.fspath(path)
+    mode = _target_mode(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".expert_map.", suffix=".tmp", dir=directory)
     try:
@@ -322,7 +365,7 @@ def save_expert_map(path: str | os.PathLike, table: Any, *, extra: dict | None =
             json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -119,6 +119,9 @@ def check_plan(old: np.ndarray, new: Any, num_experts: int) -> np.ndarray:
     return new
 
 
+_CHILD_KEYS = ("policy", "policy_options", "num_nodes", "num_groups", "max_move")
+
+
 @dataclass(frozen=True)
 class _Request:
     seq: int
@@ -158,7 +161,9 @@ class Planner:
             stdout=subprocess.PIPE,
             env=env,
         )
-        _write_frame(self._proc.stdin, self.config.to_dict())
+        # Only what builds the policy: the child runs no file checks (a record path that
+        # changed since start-up is the serving process's business, not a reason to die).
+        _write_frame(self._proc.stdin, {k: v for k, v in self.config.to_dict().items() if k in _CHILD_KEYS})
         # Each child gets its own queue, so a killed child's last words never reach its successor.
         self._results = SimpleQueue()
         threading.Thread(

@@ -71,8 +71,9 @@ class Option:
             ok = isinstance(value, bool)
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is float:  # an int is exact whatever its size (isfinite would overflow)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                isinstance(value, int) or math.isfinite(value))
         else:
             ok = isinstance(value, kind)
         if not ok:
@@ -170,16 +171,19 @@ class EplbPolicy(ABC):
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config if config is not None else PolicyConfig()
-        self.options = self._resolve_options(dict(self.config.options))
+        self.options = self._resolve_options_of(self.config)
 
-    def _resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
-        label = self.name or type(self).__name__
-        unknown = sorted(set(given) - set(self.OPTIONS))
+    @classmethod
+    def _resolve_options_of(cls, config: PolicyConfig) -> dict[str, Any]:
+        """``config.options`` checked against ``OPTIONS``, defaults filled in."""
+        given = dict(config.options)
+        label = cls.name or cls.__name__
+        unknown = sorted(set(given) - set(cls.OPTIONS))
         if unknown:
-            known = ", ".join(sorted(self.OPTIONS)) or "none"
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
             raise ValueError(f"policy {label!r} has no option {unknown[0]!r}; its options are: {known}.")
         return {key: opt.check(label, key, given[key]) if key in given else opt.default
-                for key, opt in self.OPTIONS.items()}
+                for key, opt in cls.OPTIONS.items()}
 
     @abstractmethod
     def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from importlib.metadata import EntryPoint, entry_points
 
 from .policy import EplbPolicy, PolicyConfig
@@ -78,6 +79,9 @@ def resolve_policy_name(name: str | int | None) -> str:
 def _check_class(obj: object, origin: str) -> type[EplbPolicy]:
     if not (isinstance(obj, type) and issubclass(obj, EplbPolicy)):
         raise PolicyLoadError(f"{origin} is {obj!r}, not a subclass of vllm_eplb_plugin.EplbPolicy.")
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise PolicyLoadError(f"{origin} is abstract: implement {missing}.")
     return obj
 
 

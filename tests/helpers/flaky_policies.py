@@ -75,3 +75,24 @@ class KeepPolicy(EplbPolicy):
     def rebalance_experts(self, current_expert_table, expert_workload):
         table = np.array(current_expert_table, copy=True)
         return PolicyResult(False, np.arange(table.shape[0]), table)
+
+
+class BrokenInitPolicy(EplbPolicy):
+    """Raises while being built (e.g. it needs hardware that is not there)."""
+
+    name = "broken-init"
+
+    def __init__(self, config=None):
+        raise RuntimeError("no GPU for this policy")
+
+    def rebalance_experts(self, current_expert_table, expert_workload):
+        raise AssertionError("never built")
+
+
+from vllm_eplb_plugin.policy import PlacementPolicy  # noqa: E402
+
+
+class AbstractPolicy(PlacementPolicy):
+    """Forgets to implement place()."""
+
+    name = "abstract"
