@@ -11,12 +11,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import config_errors_as_nobody
 from vllm_eplb_plugin.config import EplbConfig, EplbConfigError
 from vllm_eplb_plugin.placement import (
     MAX_MAP_BYTES,
@@ -108,10 +108,6 @@ def test_cli_plan_to_a_fifo_is_a_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr and stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
-class _Boom:
-    pass
-
-
 @pytest.mark.parametrize(
     "section, message",
     [
@@ -133,34 +129,11 @@ def test_careless_config_values_are_config_errors(monkeypatch, section, message)
         EplbConfig.from_dict(section)
 
 
-_UNREACHABLE = """
-import sys
-from vllm_eplb_plugin.config import EplbConfig, EplbConfigError
-try:
-    EplbConfig.from_dict({"expert_map_path": sys.argv[1]})
-    print("accepted")
-except EplbConfigError as exc:
-    print(exc)
-"""
-
-
-def test_a_map_in_a_directory_the_user_cannot_enter_is_not_called_missing():
-    base = tempfile.mkdtemp(prefix="eplb-perm-")
-    try:
-        os.chmod(base, 0o755)
-        closed = os.path.join(base, "closed")
-        os.mkdir(closed)
-        shutil.copy(MAP, os.path.join(closed, "map.json"))
-        os.chmod(closed, 0o700)  # the owner (root) only
-        cmd = [sys.executable, "-c", _UNREACHABLE, os.path.join(closed, "map.json")]
-        if os.geteuid() == 0:
-            if not shutil.which("setpriv"):
-                pytest.skip("running as root without setpriv to drop privileges")
-            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": base})
-        if out.returncode != 0 and not out.stdout:
-            pytest.skip(f"cannot run Python as an unprivileged user here: {out.stderr.strip()[-200:]}")
-        assert "cannot reach" in out.stdout and "check the permissions of its directories" in out.stdout, out.stdout
-        assert "does not exist" not in out.stdout
-    finally:
-        shutil.rmtree(base)
+def test_a_map_in_a_directory_the_user_cannot_enter_is_not_called_missing(shared_dir):
+    closed = os.path.join(shared_dir, "closed")
+    os.mkdir(closed)
+    shutil.copy(MAP, os.path.join(closed, "map.json"))
+    os.chmod(closed, 0o700)  # the owner (root) only
+    out = config_errors_as_nobody(shared_dir, expert_map_path=os.path.join(closed, "map.json"))
+    assert "cannot reach" in out and "check the permissions of its directories" in out, out
+    assert "does not exist" not in out

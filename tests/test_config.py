@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
+from conftest import config_errors_as_nobody
 from vllm_eplb_plugin.config import EplbConfig, EplbConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -149,44 +147,16 @@ def test_at_least_forty_bad_inputs():
     assert len(BAD) >= 40
 
 
-_PERMISSION_CHECK = """
-import sys
-from vllm_eplb_plugin.config import EplbConfig, EplbConfigError
-for key, path in (("expert_map_path", sys.argv[1]), ("expert_map_record_path", sys.argv[2])):
-    try:
-        EplbConfig.from_dict({key: path})
-        print("accepted", key)
-    except EplbConfigError as exc:
-        print(exc)
-"""
-
-
-def test_unreadable_and_unwritable_paths():
-    """Permission checks, run as an unprivileged user (root reads and writes anything)."""
-    base = tempfile.mkdtemp(prefix="eplb-perm-")
-    try:
-        os.chmod(base, 0o755)
-        locked = os.path.join(base, "locked.json")
-        shutil.copy(MAP, locked)
-        os.chmod(locked, 0)
-        ro_dir = os.path.join(base, "ro")
-        os.mkdir(ro_dir, 0o555)
-        os.chmod(ro_dir, 0o555)
-        cmd = [sys.executable, "-c", _PERMISSION_CHECK, locked, os.path.join(ro_dir, "r.json")]
-        if os.geteuid() == 0:
-            if not shutil.which("setpriv"):
-                pytest.skip("running as root without setpriv to drop privileges")
-            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": base})
-        if out.returncode != 0 and not out.stdout:
-            # The checkout or interpreter is not readable by 'nobody' (e.g. under /root):
-            # an environment limit, not a verdict on the checks.
-            pytest.skip(f"cannot run Python as an unprivileged user here: {out.stderr.strip()[-200:]}")
-        assert "expert_map_path: cannot read" in out.stdout and "check its permissions" in out.stdout, out.stdout + out.stderr
-        assert f"expert_map_record_path: directory '{ro_dir}' is not writable" in out.stdout, out.stdout + out.stderr
-    finally:
-        os.chmod(os.path.join(base, "ro"), 0o755)
-        shutil.rmtree(base)
+def test_unreadable_and_unwritable_paths(shared_dir):
+    locked = os.path.join(shared_dir, "locked.json")
+    shutil.copy(MAP, locked)
+    os.chmod(locked, 0)
+    ro_dir = os.path.join(shared_dir, "ro")
+    os.mkdir(ro_dir, 0o555)
+    os.chmod(ro_dir, 0o555)
+    out = config_errors_as_nobody(shared_dir, expert_map_path=locked, expert_map_record_path=os.path.join(ro_dir, "r.json"))
+    assert "expert_map_path: cannot read" in out and "check its permissions" in out, out
+    assert f"expert_map_record_path: directory '{ro_dir}' is not writable" in out, out
 
 
 def test_on_vllm_ascend_only_the_eplb_section_turns_the_plugin_on():
