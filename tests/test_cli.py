@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from vllm_eplb_plugin.cli import main
 from vllm_eplb_plugin.metrics import imbalance
@@ -53,3 +54,41 @@ def test_plan_errors(tmp_path, capsys):
     assert main(["inspect", os.path.join(CONFIGS, "expert_map_8e_2r.json"), "--heat", HEAT]) == 2
     assert "heat has shape [4, 16]; this map needs [1, 8]" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def _plan(tmp_path, heat, *extra):
+    return main(["plan", "--heat", str(heat), "--ranks", "2", "--redundant", "2", *extra, "-o", str(tmp_path / "m.json")])
+
+
+def test_bad_plan_inputs_are_one_line_errors_with_exit_2(tmp_path, capsys):
+    npz = tmp_path / "archive.npy"
+    with open(npz, "wb") as f:
+        np.savez(f, heat=np.ones((1, 8)))
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    claims = tmp_path / "claims.npy"  # a header promising 10**12 float64s, and no data
+    with open(claims, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)})
+    device = tmp_path / "random.json"
+    device.symlink_to("/dev/urandom")
+    for heat, message in [(npz, "is a .npz archive, not one array; save it with numpy.save"),
+                          (empty, "cannot read heat file"), (claims, "cannot read heat file"),
+                          (device, "is not a regular file")]:
+        assert _plan(tmp_path, heat) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for flag, value in [("--ranks", "0"), ("--redundant", "-1"), ("--nodes", "x")]:
+        args = ["plan", "--heat", HEAT, "--ranks", "6", "--redundant", "2", flag, value, "-o", str(tmp_path / "m.json")]
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_policy_that_raises_is_reported_as_a_policy_bug(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "helpers"))
+    code = main(["plan", "--heat", HEAT, "--ranks", "6", "--redundant", "2", "--policy", "flaky_policies:RaisingPolicy",
+                 "-o", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and 'raise RuntimeError("boom from RaisingPolicy")' in err, err
+    assert err.strip().endswith("policy 'raising' raised RuntimeError: boom from RaisingPolicy (a bug in the policy, not in the input)")

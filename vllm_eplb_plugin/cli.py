@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -22,28 +24,56 @@ from .placement import (
     save_expert_map,
 )
 from .policy import PolicyConfig
-from .registry import PolicyLoadError, PolicyNotFound, available_policies, create_policy, load_policy_class
+from .registry import PolicyLoadError, PolicyNotFound, available_policies, load_policy_class
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class PolicyFailed(Exception):
+    """The policy itself raised: printed with its traceback, exit status 1."""
+
+
+MAX_JSON_HEAT_BYTES = 256 << 20
+"""A JSON heat file larger than this is refused (use .npy for long per-step series)."""
+
+
+def _regular_file(path: str, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"{what} {path!r} is not a regular file; give a .json or .npy file")
+    if path.lower().endswith(".json") and st.st_size > MAX_JSON_HEAT_BYTES:
+        raise CliError(f"{what} {path!r} is {st.st_size >> 20} MiB, over the {MAX_JSON_HEAT_BYTES >> 20} MiB a JSON "
+                       "heat file may have; save long series as .npy")
+
+
 def load_heat(path: str) -> np.ndarray:
     """Read expert heat ``[L, E]`` or per-step ``[T, L, E]`` from .json (a nested list, or
     an object with a "heat" list) or .npy; values must be finite and non-negative."""
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".npy"):
+        raise CliError(f"heat file {path!r} must end in .json or .npy")
+    _regular_file(path, "heat file")
     try:
         if ext == ".npy":
-            heat = np.load(path, allow_pickle=False)
-        elif ext == ".json":
+            # Memory-mapped, so a header that claims more data than the file holds fails
+            # here instead of allocating it.
+            heat = np.load(path, allow_pickle=False, mmap_mode="r")
+            if not isinstance(heat, np.ndarray):
+                raise CliError(f"heat file {path!r} is a .npz archive, not one array; save it with numpy.save")
+            heat = np.array(heat)
+        else:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
             heat = np.asarray(doc["heat"] if isinstance(doc, dict) and "heat" in doc else doc)
-        else:
-            raise CliError(f"heat file {path!r} must end in .json or .npy")
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read heat file {path!r}: {exc}") from exc
+    except CliError:
+        raise
+    except (OSError, ValueError, EOFError, RecursionError) as exc:
+        raise CliError(f"cannot read heat file {path!r}: {type(exc).__name__}: {exc}") from exc
     if heat.dtype.kind not in "iuf" or heat.ndim not in (2, 3) or 0 in heat.shape:
         raise CliError(
             f"heat file {path!r} must hold numbers shaped [layers, experts] or [steps, layers, experts]; "
@@ -84,9 +114,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # Heat is per expert; policies read per-slot load, so spread it over current replicas.
     workload = expert_to_slot_load(current, heat)
     config = PolicyConfig(num_nodes=args.nodes, num_groups=args.groups, max_move=args.max_move)
-    policy = create_policy(_policy_arg(args.policy), config)
+    cls = load_policy_class(_policy_arg(args.policy))
+    label = cls.name or cls.__name__
     start = time.perf_counter()
-    result = policy.rebalance_experts(current, workload)
+    try:  # inputs are checked: from here on, an exception is the policy's
+        policy = cls(config)
+        result = policy.rebalance_experts(current, workload)
+    except Exception as exc:  # noqa: BLE001 - reported with its traceback
+        raise PolicyFailed(f"policy {label!r} raised {type(exc).__name__}: {exc}") from exc
     elapsed = time.perf_counter() - start
     save_expert_map(args.output, result.new_table)
     total = heat if heat.ndim == 2 else heat.sum(axis=0)
@@ -182,18 +217,33 @@ def _policy_arg(value: str | None) -> str | int | None:
     return int(value) if value is not None and value.isdigit() else value
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (and at most 2**20, far above any deployment)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not minimum <= value <= 1 << 20:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{minimum}, {1 << 20}]")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-eplb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="heat file -> expert map JSON (vLLM Ascend format)")
     p.add_argument("--heat", required=True, help="[L, E] or [T, L, E] heat, .json or .npy")
-    p.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks R")
-    p.add_argument("--redundant", type=int, default=0, help="redundant slots in all (default 0)")
-    p.add_argument("--nodes", type=int, default=1, help="server nodes (default 1)")
-    p.add_argument("--groups", type=int, default=1, help="expert groups (default 1)")
+    p.add_argument("--ranks", type=_count(1), required=True, help="expert-parallel ranks R")
+    p.add_argument("--redundant", type=_count(0), default=0, help="redundant slots in all (default 0)")
+    p.add_argument("--nodes", type=_count(1), default=1, help="server nodes (default 1)")
+    p.add_argument("--groups", type=_count(1), default=1, help="expert groups (default 1)")
     p.add_argument("--policy", default=None, help="policy name, number or module:Class (default: the default policy)")
-    p.add_argument("--max-move", type=int, default=None, help="max slots changed per layer")
+    p.add_argument("--max-move", type=_count(0), default=None, help="max slots changed per layer")
     p.add_argument("--current", default=None, help="current expert map (default: vLLM's initial placement)")
     p.add_argument("-o", "--output", required=True, help="expert map JSON to write")
     p.set_defaults(func=cmd_plan)
@@ -227,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except PolicyFailed as exc:
+        traceback.print_exception(exc.__cause__, file=sys.stderr)
+        print(f"vllm-eplb {args.command}: {exc} (a bug in the policy, not in the input)", file=sys.stderr)
+        return 1
     except (CliError, InvalidExpertTable, PolicyNotFound, PolicyLoadError, ValueError, TypeError, OSError) as exc:
         print(f"vllm-eplb {args.command}: error: {exc}", file=sys.stderr)
         return 2
