@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Mapping
 
 from .placement import InvalidExpertTable, load_expert_map
-from .policy import PolicyConfig
+from .policy import PolicyConfig, is_number
 
 __all__ = ["EplbConfig", "EplbConfigError", "SECTION", "ASCEND_SECTION"]
 
@@ -165,7 +164,7 @@ class EplbConfig:
         except (PolicyNotFound, PolicyLoadError) as exc:
             raise EplbConfigError(f"{where}.policy = {self.policy!r}: {exc}") from exc
         try:
-            cls._resolve_options_of(self.policy_config())
+            cls.resolve_options(self.policy_config())
         except (TypeError, ValueError) as exc:
             raise EplbConfigError(f"{where}.policy_options: {exc}") from exc
         try:
@@ -208,10 +207,7 @@ def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
         if not meta["min"] <= value <= meta["max"]:
             raise EplbConfigError(f"{key} must be in [{meta['min']}, {meta['max']}]; got {value}.")
     elif meta.get("kind") == "float":
-        # An int is exact whatever its size (math.isfinite would overflow on 10**400).
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            isinstance(value, int) or math.isfinite(value))
-        if not ok or not meta["min"] < value < meta["max"]:
+        if not is_number(value) or not meta["min"] < value < meta["max"]:
             raise EplbConfigError(f"{key} must be a number strictly between {meta['min']} and {meta['max']}; got {value!r}.")
     elif f.name == "dynamic_eplb":
         if not isinstance(value, bool):

@@ -56,6 +56,14 @@ class PolicyResult(NamedTuple):
     new_table: np.ndarray
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number that is finite: an int of any size (``math.isfinite`` would overflow
+    on ``10**400``) or a finite float; booleans are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Option:
     """One policy-specific knob, passed through ``PolicyConfig.options``."""
@@ -71,9 +79,8 @@ class Option:
             ok = isinstance(value, bool)
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:  # an int is exact whatever its size (isfinite would overflow)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                isinstance(value, int) or math.isfinite(value))
+        elif kind is float:
+            ok = is_number(value)
         else:
             ok = isinstance(value, kind)
         if not ok:
@@ -171,10 +178,10 @@ class EplbPolicy(ABC):
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config if config is not None else PolicyConfig()
-        self.options = self._resolve_options_of(self.config)
+        self.options = self.resolve_options(self.config)
 
     @classmethod
-    def _resolve_options_of(cls, config: PolicyConfig) -> dict[str, Any]:
+    def resolve_options(cls, config: PolicyConfig) -> dict[str, Any]:
         """``config.options`` checked against ``OPTIONS``, defaults filled in."""
         given = dict(config.options)
         label = cls.name or cls.__name__
@@ -199,13 +206,12 @@ class EplbPolicy(ABC):
 
 
 class PlacementPolicy(EplbPolicy):
-    """Template for policies that compute a target table: accepts any table an engine
-    holds (repairing -1 padding, an expert twice on a rank, a missing expert with
-    :func:`~.moves.repair_table`; the repaired slots are changes ``max_move`` does not
-    count), validates inputs, applies
-    ``max_move`` (keeping the moves that gain most), keeps every expert that stays on a
-    rank in its slot (engines reject a plan that moves weights within a rank) and fills
-    in ``PolicyResult``."""
+    """Template for policies that compute a target table. It accepts any table an engine
+    holds (:func:`~.moves.repair_table` fixes -1 padding, an expert twice on a rank or a
+    missing expert; ``max_move`` does not count those repairs), validates the inputs and
+    the target, keeps every expert that stays on a rank in its slot (engines reject a plan
+    that moves weights within a rank), applies ``max_move`` (keeping the moves that gain
+    most) and fills in ``PolicyResult``."""
 
     def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:
         held = as_table(current_expert_table, name="current_expert_table")  # what the engine holds

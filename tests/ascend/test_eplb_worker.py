@@ -26,7 +26,6 @@ from vllm_ascend.eplb.core.policy.policy_factory import PolicyFactory
 
 from gloo import run_gloo
 from vllm_eplb_plugin.consistency import InconsistentExpertTable
-from vllm_eplb_plugin.engine import ascend_hooks
 from vllm_eplb_plugin.engine.ascend_hooks import install_ascend
 from vllm_eplb_plugin.engine.ascend_policy import PluginPolicy
 from vllm_eplb_plugin.metrics import balancedness
@@ -235,12 +234,13 @@ def _consistency_rank(rank: int, world: int, where: str) -> str:
     os.environ["DYNAMIC_EPLB"] = "true"
     install_ascend()
     eplb_updator.get_dynamic_eplb_group = lambda: _Group(world, rank)
-    ascend_hooks.active_config = lambda: EplbConfig(policy="deepseek")  # the eplb section is on
     table = default_table(3, world, 3, 2 * world)
     maps = torch.from_numpy(expert_maps(table, 2 * world))  # [L, R, E]
     if where == "start-up" and rank == 2:
         maps[1, 0] = maps[1, 0].roll(1)  # rank 2 built another map for layer 1
-    process = SimpleNamespace(shared_dict={}, planner_q=queue.Queue(), block_update_q=queue.Queue())
+    # The EPLB process runs our policy: the plugin is on (its worker is built by other tests).
+    worker = SimpleNamespace(policy=PluginPolicy(EplbConfig(policy="deepseek")))
+    process = SimpleNamespace(shared_dict={}, planner_q=queue.Queue(), block_update_q=queue.Queue(), worker=worker)
     cfg = AscendEplbConfig({"dynamic_eplb": True, "expert_heat_collection_interval": 4, "algorithm_execution_interval": 2})
     updator = eplb_updator.EplbUpdator(cfg, SimpleNamespace(), process, SimpleNamespace(pid=0))
     updator.adaptor = SimpleNamespace(get_global_expert_map=lambda: maps.clone(),

@@ -11,7 +11,7 @@ and counts nothing itself:
   in ``NPUModelRunner.__init__``, inside vLLM's config context, and hands the instance
   to its EPLB process.
 - ``EplbWorker.__init__``: lets EP rank 0's policy report its plans to Prometheus.
-- ``EplbUpdator.__init__``: remembers whether the ``eplb`` section is on.
+- ``EplbUpdator.__init__``: remembers whether its EPLB process runs our policy.
 - ``EplbUpdator.warm_up_eplb``: verifies the expert maps across the EP ranks at start-up,
   once the layers built them (from ``expert_map_path`` when set).
 - ``EplbUpdator.forward_before``: when it takes a plan from the EPLB process, verifies the
@@ -120,7 +120,11 @@ def _make_worker_init(original: Callable) -> Callable:
 def _make_updator_init(original: Callable) -> Callable:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        setattr(self, _STATE, active_config())
+        from .ascend_policy import PluginPolicy
+
+        # The plugin is on exactly when the EPLB process runs our policy.
+        policy = self.eplb_process.worker.policy
+        setattr(self, _STATE, policy.config if isinstance(policy, PluginPolicy) else None)
 
     return __init__
 
