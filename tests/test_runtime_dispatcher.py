@@ -1,15 +1,19 @@
 """DynamicDispatcher and ExpertLoadCollector: maps, A2A / AG routing, the staged swap
-agreed across real gloo ranks, and buffer reuse."""
+agreed across real gloo ranks, buffer reuse, the CPU control group, and one consistency
+all-gather per step for all blocks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.helpers.gloo import run_gloo
+from tests.test_consistency import register_nccl_like_backend
 from vllm_eplb_plugin.consistency import InconsistentExpertTable
 from vllm_eplb_plugin.runtime import DynamicDispatcher, ExpertLoadCollector
+from vllm_eplb_plugin.runtime.toy_moe import ToyMoE
 
 # 4 experts on 2 ranks x 3 slots: expert 0 has three replicas, expert 1 two.
 TABLE = np.array([[0, 1, 2], [0, 3, 1]])
@@ -130,3 +134,107 @@ def test_a_rank_with_another_table_is_named():
     for r in results:
         assert r["consistent"].startswith("expert table of MoE block 3 differs across ranks: ranks [1] disagree "
                                           "with ranks [0]; first layer that differs: 0")
+
+
+# -- control group and one gather per step ----------------------------------------------------
+
+
+def _device_group_ranks(rank: int, world: int) -> dict:
+    backend = register_nccl_like_backend()
+    device_only = dist.new_group(list(range(world)), backend=backend)  # stands in for an NCCL EP group
+    a, b = _dispatcher(rank, group=device_only), _dispatcher(rank, group=device_only)
+    out = {"backend": dist.get_backend(a.control_group), "shared": a.control_group is b.control_group}
+    buffers = b.staging_buffers(3)
+    b.stage(OTHER, buffers)
+    DynamicDispatcher.check_consistency_all([a, b])  # gathers on the gloo control group
+    out["flags"] = [a.update_flag, b.update_flag]
+    a.check_consistency()  # the per-block API too
+    errors = []
+    for ep_size, control in ((2, device_only), (1, dist.group.WORLD)):  # not CPU; 2 ranks for a 1-rank EP group
+        try:
+            DynamicDispatcher(3, torch.zeros(3, 2), torch.zeros(3, 2), rank % ep_size, ep_size,
+                              table=np.arange(6).reshape(2, 3)[:ep_size] % 3, control_group=control)
+        except ValueError as exc:
+            errors.append(str(exc))
+    c = _dispatcher(rank, group=None)  # the gloo world is its own control group
+    out["world_own"] = c.control_group is None
+    try:
+        DynamicDispatcher.check_consistency_all([a, c])
+    except ValueError as exc:
+        errors.append(str(exc))
+    out["errors"] = errors
+    return out
+
+
+def test_an_ep_group_without_cpu_backend_gets_a_gloo_control_group():
+    for r in run_gloo(_device_group_ranks, 2):
+        assert r["backend"] == "gloo" and r["shared"]
+        assert r["flags"] == [False, True]
+        assert r["world_own"]
+        assert r["errors"] == [
+            "DynamicDispatcher control_group: process group backend 'nccl_like' (cuda:nccl_like) cannot carry "
+            "CPU tensors, and the expert-table check all-gathers CPU int64. Pass a CPU group over the same ranks: "
+            "dist.new_group(ranks, backend='gloo'), or vLLM's GroupCoordinator.cpu_group.",
+            "DynamicDispatcher: control_group has 2 ranks but ep_size=1; it must span the EP group's ranks.",
+            "DynamicDispatcher.check_consistency_all: the dispatchers have different control groups; one "
+            "all-gather needs one group: pass the same control_group (or EP group) to every block.",
+        ]
+
+
+class _CountGathers:
+    """Counts ``dist.all_gather`` calls (the consistency check's collective) while active."""
+
+    def __enter__(self) -> _CountGathers:
+        self.calls, self._real = 0, dist.all_gather
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._real(*args, **kwargs)
+
+        dist.all_gather = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.all_gather = self._real
+
+
+def _gathers_per_step(rank: int, world: int, blocks: int, steps: int) -> dict:
+    model = ToyMoE(blocks, 8, 8, 4, 2, rank, world, seed=3)  # A2A: the forward itself uses all_to_all only
+    for i, d in enumerate(model.dispatchers):
+        d.name = f"expert table of MoE block {i}"  # what the pool calls them
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(rank))
+    with _CountGathers() as batched, torch.no_grad():
+        for _ in range(steps):
+            model(x)
+    with _CountGathers() as per_block:
+        for _ in range(steps):
+            for d in model.dispatchers:  # what ToyMoE did before: each block checked itself
+                d.check_consistency()
+    # Stage block 1 on every rank and the last block on rank 0 only: one gather decides both.
+    for b in (1, blocks - 1):
+        d = model.dispatchers[b]
+        if b == 1 or rank == 0:
+            d.stage(d.table.copy(), tuple(w.clone() for w in d.weights))
+    with _CountGathers() as staged:
+        DynamicDispatcher.check_consistency_all(model.dispatchers)
+    flags = [d.update_flag for d in model.dispatchers]
+    model.dispatchers[1].update_module_weight_and_map()
+    if rank == 1:
+        model.dispatchers[2].table = model.dispatchers[2].table[::-1].copy()
+    try:
+        DynamicDispatcher.check_consistency_all(model.dispatchers)
+        error = None
+    except InconsistentExpertTable as exc:
+        error = str(exc)
+    return {"batched": batched.calls / steps, "per_block": per_block.calls / steps, "staged": staged.calls,
+            "flags": flags, "error": error}
+
+
+@pytest.mark.parametrize("blocks", [3, 8])
+def test_one_gather_per_step_whatever_the_block_count(blocks):
+    for r in run_gloo(_gathers_per_step, 2, args=(blocks, 3)):
+        assert r["batched"] == 1 and r["staged"] == 1
+        assert r["per_block"] == blocks  # the per-dispatcher API still works, one gather each
+        assert r["flags"] == [False, True] + [False] * (blocks - 2)
+        assert r["error"].startswith("expert table of MoE block 2 differs across ranks: ranks [1] disagree with ranks [0]; "
+                                     "first layer that differs: 0")

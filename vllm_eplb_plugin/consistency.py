@@ -2,15 +2,21 @@
 
 A rank that routes with a different table than its peers sends tokens to experts that
 are not where it thinks they are: outputs go silently wrong. So the table is verified
-across the EP ranks at start-up and before every update, on any torch.distributed
-backend (gloo, nccl, hccl).
+across the EP ranks at start-up and before every update.
 
-Shapes: table ``[L, R, K]``; per-layer digests ``[L]``.
+The digests travel as CPU int64 tensors, so the group must have a CPU backend: gloo, or
+a group whose backend config maps ``cpu`` (``"cpu:gloo,cuda:nccl"``), e.g. vLLM's
+``GroupCoordinator.cpu_group``. An NCCL- or HCCL-only group refuses CPU tensors; the
+functions here say so up front (:func:`require_cpu_group`) and :func:`cpu_group_for`
+gives the gloo group to use instead.
+
+Shapes: table ``[L, R, K]``; per-layer digests ``[L]``; ``B`` tables checked together.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import Counter
 from typing import Sequence
 
@@ -40,12 +46,63 @@ def table_summary(table: np.ndarray) -> np.ndarray:
 
 
 def _all_gather(values: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray:
-    """All-gather a 1-D int64 array of equal length on every rank -> ``[W, n]``."""
+    """All-gather a 1-D int64 array of equal length on every rank -> ``[W, n]`` (CPU tensors)."""
     local = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
     world = dist.get_world_size(group)
     out = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(out, local, group=group)
     return torch.stack(out).numpy()
+
+
+# Backends whose plain name (a config without ``device:``) means they carry CPU tensors.
+_CPU_BACKENDS = ("gloo", "mpi")
+
+
+def cpu_backend_of(config: str) -> str | None:
+    """The backend that carries CPU tensors in a backend config as
+    ``dist.get_backend_config`` writes it (``"cpu:gloo,cuda:nccl"`` -> ``"gloo"``,
+    ``"cuda:nccl"`` -> None), or in a plain backend name (``"gloo"``)."""
+    config = config.strip().lower()
+    if ":" not in config:
+        return config if config in _CPU_BACKENDS else None
+    for pair in config.split(","):
+        device, _, backend = pair.partition(":")
+        if device.strip() == "cpu":
+            return backend.strip()
+    return None
+
+
+def require_cpu_group(group: dist.ProcessGroup | None, what: str = "expert-table consistency check") -> None:
+    """Raise ``ValueError`` unless ``group`` (default: the world) can all-gather CPU
+    tensors, naming its backend and the fix; an NCCL/HCCL group would refuse them
+    mid-step with an error that says nothing about which group or why."""
+    config = dist.get_backend_config(group)
+    if cpu_backend_of(config) is None:
+        raise ValueError(
+            f"{what}: process group backend {dist.get_backend(group)!r} ({config}) cannot carry CPU tensors, "
+            "and the expert-table check all-gathers CPU int64. Pass a CPU group over the same ranks: "
+            "dist.new_group(ranks, backend='gloo'), or vLLM's GroupCoordinator.cpu_group."
+        )
+
+
+# group -> its gloo twin; weak keys, so a destroyed group's twin goes with it.
+_cpu_twins: "weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]" = weakref.WeakKeyDictionary()
+
+
+def cpu_group_for(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A group over the ranks of ``group`` (default: the world) that carries CPU tensors:
+    ``group`` itself when it can, else a gloo group created once per ``group`` and reused.
+
+    Creating one is ``dist.new_group``, a collective of the *whole world*: the first call
+    for a non-CPU group must happen at the same point on every process of the world."""
+    if cpu_backend_of(dist.get_backend_config(group)) is not None:
+        return group
+    key = group if group is not None else dist.group.WORLD
+    twin = _cpu_twins.get(key)
+    if twin is None:
+        twin = dist.new_group(ranks=group_ranks(group), backend="gloo")
+        _cpu_twins[key] = twin
+    return twin
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -75,16 +132,48 @@ def verify_consistency(
     ``[L]`` digests to find the first layer that differs when they do not. The majority
     table is the reference; the error lists the (global) ranks that differ from it.
 
-    ``extra`` ``[n]`` ints ride along in the same all-gather (e.g. how far each rank has
-    staged an update); returns them from every rank, ``[W, n]``.
+    ``group`` must carry CPU tensors (gloo, or a CPU group such as vLLM's
+    ``GroupCoordinator.cpu_group``); an NCCL/HCCL-only group raises ``ValueError`` naming
+    its backend. ``extra`` ``[n]`` ints ride along in the same all-gather (e.g. how far
+    each rank has staged an update); returns them from every rank, ``[W, n]``.
     """
+    return verify_consistency_many([table], group, whats=[what], extra=extra)
+
+
+def verify_consistency_many(
+    tables: Sequence[np.ndarray],
+    group: dist.ProcessGroup | None = None,
+    *,
+    whats: Sequence[str],
+    extra: Sequence[int] = (),
+) -> np.ndarray:
+    """:func:`verify_consistency` for ``B`` tables (``[L_b, R_b, K_b]`` each, e.g. one per
+    MoE block) in one all-gather of ``4 * B + n`` int64; ``whats[b]`` names table ``b`` in
+    errors. Every rank passes the same number of tables and ``extra`` ints. The first
+    table that differs is reported (every rank gathers the same rows, so every rank raises
+    for the same table). Returns ``extra`` from every rank, ``[W, n]``."""
+    if len(whats) != len(tables):
+        raise ValueError(f"verify_consistency_many: {len(tables)} tables but {len(whats)} names; pass one name per table.")
+    require_cpu_group(group)
     ranks = group_ranks(group)
-    gathered = _all_gather(np.concatenate([table_summary(table), np.asarray(extra, dtype=np.int64)]), group)
-    rows = [tuple(int(v) for v in row[:4]) for row in gathered]
+    local = np.concatenate([*(table_summary(t) for t in tables), np.asarray(extra, dtype=np.int64).reshape(-1)])
+    gathered = _all_gather(local, group)  # [W, 4 * B + n]
+    for b, (table, what) in enumerate(zip(tables, whats)):
+        _raise_if_differ(gathered[:, 4 * b:4 * b + 4], table, group, ranks, what)
+    return gathered[:, 4 * len(tables):]
+
+
+def _raise_if_differ(
+    summaries: np.ndarray, table: np.ndarray, group: dist.ProcessGroup | None, ranks: list[int], what: str
+) -> None:
+    """Raise :class:`InconsistentExpertTable` unless every rank's ``summaries [W, 4]`` row
+    (:func:`table_summary`) is the same; this rank's ``table [L, R, K]`` is digested per
+    layer (one more all-gather) to name the first layer that differs."""
+    rows = [tuple(int(v) for v in row) for row in summaries]
     ref = _reference(rows)
     odd = [ranks[i] for i, row in enumerate(rows) if row != ref]
     if not odd:
-        return gathered[:, 4:]
+        return
     holders = [ranks[i] for i, row in enumerate(rows) if row == ref]
     shapes = {tuple(row[:3]) for row in rows}
     if len(shapes) > 1:

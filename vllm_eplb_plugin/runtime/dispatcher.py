@@ -11,27 +11,33 @@ Life of an update (the transfer pool's worker thread does the first two):
 1. fetch the new weights into the spare buffers (:meth:`staging_buffers`), never into the
    weights the forward pass reads;
 2. :meth:`stage` them with the new table;
-3. on the forward path, :meth:`check_consistency` (one all-gather) verifies that every rank
-   holds the same table and sets :attr:`update_flag` once *every* rank has staged the
-   update, so all ranks switch at the same step;
+3. on the forward path, once per step, :meth:`check_consistency_all` (one all-gather for
+   all of a model's blocks; :meth:`check_consistency` for one block) verifies that every
+   rank holds the same tables and sets :attr:`update_flag` once *every* rank has staged
+   the update, so all ranks switch at the same step;
 4. :meth:`update_module_weight_and_map` swaps the staged weights in; the old ones become
    the spare buffers of the next update (no allocation in steady state).
 
 Modes: ``A2A`` routes with :meth:`to_physical` (logical ids -> physical slots, replicas
 taking turns); ``AG`` multiplies scores by :meth:`get_expert_trans_tensor`; ``EX`` is
 ``A2A`` with the scheduler bounding slots changed per update (``max_move``).
+
+The check's all-gather carries CPU int64, so it runs on a *control group* that has a CPU
+backend (gloo): the EP group itself when it has one, else ``control_group`` (vLLM's
+``GroupCoordinator.cpu_group``) or a gloo group over the same ranks, created once per EP
+group. An NCCL/HCCL group refuses CPU tensors.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..consistency import verify_consistency
+from ..consistency import cpu_group_for, require_cpu_group, verify_consistency_many
 from ..placement import changed_slots, expert_maps, log2phy, logcnt, validate_table
 
 
@@ -68,7 +74,12 @@ class DynamicDispatcher:
             after an update, use the returned tensors (the old ones are reused as buffers).
         rank_in_group: this rank in the EP group.
         ep_size: ``R``.
-        group: the EP process group (default: the world).
+        group: the EP process group (default: the world), any backend.
+        control_group: a group over the same ranks that carries CPU tensors (gloo) for
+            the consistency all-gather, e.g. vLLM's ``GroupCoordinator.cpu_group``.
+            Default: ``group`` when it has a CPU backend, else a gloo group over its
+            ranks, created by the first dispatcher of ``group`` (``dist.new_group``, a
+            collective of the whole world: create it at the same point on every process).
         table: initial placement ``[R, K0]``; default: rank ``r`` holds experts
             ``r * K0 .. r * K0 + K0 - 1`` (needs ``R * K0 == E``).
     """
@@ -82,6 +93,7 @@ class DynamicDispatcher:
         ep_size: int,
         *,
         group: dist.ProcessGroup | None = None,
+        control_group: dist.ProcessGroup | None = None,
         table: np.ndarray | None = None,
     ) -> None:
         slots = weight1.shape[0]
@@ -105,6 +117,11 @@ class DynamicDispatcher:
                 f"DynamicDispatcher: table has shape {list(table.shape)}; expected [ep_size, local_experts] = {[ep_size, slots]}."
             )
         self.expert_num, self.rank, self.ep_size, self.group = expert_num, rank_in_group, ep_size, group
+        self._control_arg = control_group
+        self._control: dist.ProcessGroup | None = None
+        self._control_resolved = False
+        if dist.is_initialized():  # resolve now, so a bad control_group fails here; else at the first check
+            _ = self.control_group
         self.mode = "A2A"  # set by the transfer pool from the scheduler's mode
         self.name = "expert table"  # the pool names the block: errors say which one
         self.table = table
@@ -128,6 +145,14 @@ class DynamicDispatcher:
         self.log2phy = torch.from_numpy(log2phy(layer, self.expert_num)[0]).to(device)  # [E, X]
         self.expert_map = torch.from_numpy(expert_maps(layer, self.expert_num)[0, self.rank]).to(device)  # [E]
         self._trans: torch.Tensor | None = None
+
+    @property
+    def control_group(self) -> dist.ProcessGroup | None:
+        """The CPU group the consistency all-gather runs on (None: the world, a CPU one)."""
+        if not self._control_resolved:
+            self._control = _control_group(self.group, self._control_arg, self.ep_size)
+            self._control_resolved = True
+        return self._control
 
     @property
     def local_expert_num(self) -> int:
@@ -164,11 +189,35 @@ class DynamicDispatcher:
     def check_consistency(self) -> None:
         """Verify every rank holds this block's table (one all-gather; raises
         :class:`~vllm_eplb_plugin.consistency.InconsistentExpertTable` naming the ranks) and
-        set :attr:`update_flag` when every rank has staged the next update."""
+        set :attr:`update_flag` when every rank has staged the next update. A model with
+        several blocks calls :meth:`check_consistency_all` once per step instead."""
+        DynamicDispatcher.check_consistency_all([self])
+
+    @staticmethod
+    def check_consistency_all(dispatchers: Sequence[DynamicDispatcher]) -> None:
+        """:meth:`check_consistency` for all of a model's blocks in *one* all-gather
+        (``4 * B + B`` int64 for ``B`` blocks): call it once per step, before the first
+        block's forward, with the same blocks in the same order on every rank; each
+        block then reads its :attr:`update_flag`. The blocks share one control group."""
+        if not dispatchers:
+            return
+        group = dispatchers[0].control_group
+        if any(d.control_group is not group for d in dispatchers):
+            raise ValueError(
+                "DynamicDispatcher.check_consistency_all: the dispatchers have different control groups; "
+                "one all-gather needs one group: pass the same control_group (or EP group) to every block."
+            )
+        staged = [d._staged_seq() for d in dispatchers]  # [B]
+        gathered = verify_consistency_many(
+            [d.table[None] for d in dispatchers], group, whats=[d.name for d in dispatchers], extra=staged
+        )  # [W, B]
+        for d, column in zip(dispatchers, gathered.T):
+            d.update_flag = bool((column == d.seq + 1).all())
+
+    def _staged_seq(self) -> int:
+        """Sequence number of the update this rank has staged, else of the one applied."""
         with self._lock:
-            staged = self._staged.seq if self._staged is not None else self.seq
-        gathered = verify_consistency(self.table[None], self.group, what=self.name, extra=[staged])
-        self.update_flag = bool((gathered[:, 0] == self.seq + 1).all())
+            return self._staged.seq if self._staged is not None else self.seq
 
     def update_module_weight_and_map(self) -> DispatcherUpdate:
         """Switch to the staged update (only when :attr:`update_flag` is set, which is the
@@ -223,3 +272,18 @@ class DynamicDispatcher:
                 raise RuntimeError("DynamicDispatcher: an update is already staged; wait_until_applied() first.")
             self._staged = _Staged(self.seq + 1, table, weights)
             self._spare = None
+
+
+def _control_group(
+    group: dist.ProcessGroup | None, control_group: dist.ProcessGroup | None, ep_size: int
+) -> dist.ProcessGroup | None:
+    """The CPU group the consistency check gathers on (see :class:`DynamicDispatcher`)."""
+    if control_group is None:
+        return cpu_group_for(group)
+    require_cpu_group(control_group, "DynamicDispatcher control_group")
+    if dist.get_world_size(control_group) != ep_size:
+        raise ValueError(
+            f"DynamicDispatcher: control_group has {dist.get_world_size(control_group)} ranks but ep_size={ep_size}; "
+            "it must span the EP group's ranks."
+        )
+    return control_group

@@ -13,6 +13,10 @@ counts its routing, then dispatches:
 
 Shapes: ``N`` tokens of this rank, ``H`` hidden, ``F`` expert FFN width, ``E`` experts,
 ``k`` top-k, ``R`` ranks, ``K`` local slots, ``S = R * K``.
+
+:class:`ToyMoE` checks all its blocks' tables in one all-gather per step
+(:meth:`DynamicDispatcher.check_consistency_all`) before the first block runs; a lone
+:class:`ToyMoEBlock` checks its own.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ class ToyMoEBlock(nn.Module):
 
     Expert weights are drawn from ``seed`` for all ``E`` experts and sliced, so every rank
     (and a run without EPLB) has the same model. ``skew`` biases the router towards the
-    first experts (logit bias ``-skew * log(1 + e)``).
+    first experts (logit bias ``-skew * log(1 + e)``). ``check_each_step=False``: the
+    model checks the dispatcher for it (:class:`ToyMoE` does, for all blocks at once).
     """
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, rank: int, ep_size: int,
-                 *, seed: int, skew: float = 0.0, lb_interval: int = 1, group: dist.ProcessGroup | None = None) -> None:
+                 *, seed: int, skew: float = 0.0, lb_interval: int = 1, group: dist.ProcessGroup | None = None,
+                 check_each_step: bool = True) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.gate = torch.randn(hidden, num_experts, generator=gen) / hidden**0.5
@@ -54,6 +60,7 @@ class ToyMoEBlock(nn.Module):
         self.w1 = w1[rank * local:(rank + 1) * local].clone()
         self.w2 = w2[rank * local:(rank + 1) * local].clone()
         self.top_k, self.rank, self.ep_size, self.group = top_k, rank, ep_size, group
+        self.check_each_step = check_each_step
         self.expert_load_collector = ExpertLoadCollector(num_experts, lb_interval)
         self.dispatcher = DynamicDispatcher(num_experts, self.w1, self.w2, rank, ep_size, group=group)
         self.last_rows = 0  # token-expert rows this rank computed in the last forward
@@ -67,7 +74,8 @@ class ToyMoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
         self.expert_load_collector.collect_expert_load(ids)
-        self.dispatcher.check_consistency()
+        if self.check_each_step:
+            self.dispatcher.check_consistency()
         if self.dispatcher.update_flag:
             update = self.dispatcher.update_module_weight_and_map()
             self.w1, self.w2 = update.weight1, update.weight2
@@ -125,11 +133,14 @@ class ToyMoE(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             ToyMoEBlock(hidden, ffn, num_experts, top_k, rank, ep_size, seed=seed + l, skew=skew,
-                        lb_interval=lb_interval, group=group)
+                        lb_interval=lb_interval, group=group, check_each_step=False)
             for l in range(num_layers)
         )
+        self.dispatchers = [block.dispatcher for block in self.blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One all-gather for every block's table and staged update, not one per block.
+        DynamicDispatcher.check_consistency_all(self.dispatchers)
         for block in self.blocks:
             x = block(x)
         return x
