@@ -8,6 +8,7 @@ the installed vLLM, and vLLM Ascend's files are read from its source tarball (wh
 from __future__ import annotations
 
 import glob
+import importlib.machinery
 import os
 import tarfile
 import types
@@ -75,8 +76,13 @@ def _install_npu_stubs(devices_per_host: int) -> None:
 
     import torch
 
-    sys.modules.setdefault("torch_npu", types.ModuleType("torch_npu"))
-    torch.npu = types.SimpleNamespace(device_count=lambda: devices_per_host)  # type: ignore[attr-defined]
+    if "torch_npu" not in sys.modules:
+        stub = types.ModuleType("torch_npu")
+        # A spec, so that a later find_spec("torch_npu") (transformers, imported by vLLM) works.
+        stub.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
+        sys.modules["torch_npu"] = stub
+    # is_available: transformers (imported with vLLM) asks once torch_npu looks installed.
+    torch.npu = types.SimpleNamespace(device_count=lambda: devices_per_host, is_available=lambda: False)  # type: ignore[attr-defined]
     for name in ("vllm_ascend", "vllm_ascend.distributed", "vllm_ascend.eplb", "vllm_ascend.eplb.core",
                  _ASCEND_POLICY_PACKAGE):
         if name not in sys.modules:

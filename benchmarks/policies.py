@@ -37,13 +37,14 @@ from typing import Callable
 import numpy as np
 
 from vllm_eplb_plugin import PolicyConfig, create_policy
+from vllm_eplb_plugin.registry import DEFAULT_POLICY
 from vllm_eplb_plugin.placement import (
     InvalidExpertTable, changed_slots, default_table, expert_to_slot_load, num_experts_of, rank_load,
     slot_to_expert_load, validate_table,
 )
 from vllm_eplb_plugin.policies.search import lower_bound
 
-from .traces import SHAPES, SKEWS, Shape, drifting_trace
+from .traces import SHAPES, SKEWS, Shape, drifting_trace, hottest_ratio
 
 # A planner: (current table [L, R, K], slot series [T, L, R, K]) -> new table [L, R, K].
 Planner = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -198,20 +199,30 @@ def references(shape: Shape, trace: np.ndarray) -> dict[str, float]:
             "per-step lower bound": statistics.fmean(bound)}
 
 
-def time_full_shape(contender: Contender, trace: np.ndarray, repeat: int) -> float:
-    """Median ms of one steady-state call on DeepSeek-V3's full shape (58 layers, EP32):
-    the table is the contender's own plan for the previous window."""
+def time_full_shape(contender: Contender, trace: np.ndarray, repeat: int) -> dict[str, float]:
+    """Median ms per call on DeepSeek-V3's full shape (58 layers, EP32): ``first``, from
+    vLLM's linear table (a fresh planner each time), and ``steady``, from the contender's
+    own plan for the previous window. ``trace [2, T, 58, 256]``."""
     shape = SHAPES["deepseek-v3-ep32"]
-    plan = contender.make(shape)
-    table = default_table(trace.shape[2], shape.ranks, shape.slots_per_rank, shape.experts)
-    table = np.asarray(plan(table, expert_to_slot_load(table, trace[0])), dtype=np.int64)
-    series = expert_to_slot_load(table, trace[1])
-    times = []
+    start = default_table(trace.shape[2], shape.ranks, shape.slots_per_rank, shape.experts)
+    first_series = expert_to_slot_load(start, trace[0])
+    first, steady = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        plan = contender.make(shape)
+        t0 = time.perf_counter()
+        table = np.asarray(plan(start, first_series), dtype=np.int64)
+        first.append((time.perf_counter() - t0) * 1000)
+    series = expert_to_slot_load(table, trace[1])
+    for _ in range(repeat):
+        t0 = time.perf_counter()
         plan(table, series)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        steady.append((time.perf_counter() - t0) * 1000)
+    return {"first": round(statistics.median(first), 2), "steady": round(statistics.median(steady), 2)}
+
+
+FULL_SHAPE_SKEWS = ("moderate", "extreme")
+"""Heats the full-shape timing runs on: realistic (hottest expert ~9x the mean) and the
+physical extreme (~31x)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         for skew, s in SKEWS.items():
+            hottest = round(hottest_ratio(shape.experts, shape.top_k, s), 2)
             trace = drifting_trace(shape.experts, args.layers, args.windows, args.steps,
                                    args.tokens_per_rank * shape.ranks, shape.top_k, s, args.drift, args.jitter,
                                    seed=args.seed)
@@ -254,27 +266,31 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_one(c, shape, trace)
                 except Exception as exc:  # a peer that cannot handle a shape is reported, not fatal
                     result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-                rows.append({"shape": shape_name, "skew": skew, "policy": c.name, "kind": c.kind, **result})
+                rows.append({"shape": shape_name, "skew": skew, "hottest": hottest, "policy": c.name, "kind": c.kind,
+                             **result})
                 _print_row(rows[-1])
             for name, value in references(shape, trace).items():
                 rows.append({"shape": shape_name, "skew": skew, "policy": name, "kind": "reference",
                              "realized_imbalance": value})
                 print(f"{shape_name:<18} {skew:<9} {name[:30]:<30} realized {value:.4f}", flush=True)
-    full_trace = drifting_trace(256, 58, 2, 4, 256 * 32, 8, SKEWS["moderate"], args.drift, args.jitter,
-                                seed=args.seed)
-    full = {}
-    for c in runs:
-        try:
-            full[c.name] = round(time_full_shape(c, full_trace, args.full_repeat), 2)
-        except Exception as exc:
-            full[c.name] = f"{type(exc).__name__}: {exc}"[:200]
+    full: dict[str, dict] = {c.name: {} for c in runs}
+    for skew in FULL_SHAPE_SKEWS:
+        full_trace = drifting_trace(256, 58, 2, 4, 256 * 32, 8, SKEWS[skew], args.drift, args.jitter, seed=args.seed)
+        for c in runs:
+            try:
+                full[c.name][skew] = time_full_shape(c, full_trace, args.full_repeat)
+            except Exception as exc:
+                full[c.name][skew] = f"{type(exc).__name__}: {exc}"[:200]
     summary = summarize(rows, full)
+    cases = per_case(rows)
+    print_cases(cases)
     print_summary(summary)
+    print_full_shape(full)
     params = {k: v for k, v in vars(args).items() if k not in ("json", "plots", "only")}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"params": params, "machine": platform.machine(), "python": sys.version.split()[0],
-                       "summary": summary, "full_shape_ms": full, "rows": rows}, f, indent=1)
+                       "summary": summary, "cases": cases, "full_shape_ms": full, "rows": rows}, f, indent=1)
     if args.plots:
         from .plots import draw
 
@@ -290,6 +306,41 @@ def _print_row(r: dict) -> None:
     print(f"{r['shape']:<18} {r['skew']:<9} {r['policy']:<30} realized {r['realized_imbalance']:.4f}  "
           f"fit {r['fit_ratio']:.4f}  moves {r['moves_first']:.3f}/{r['moves_steady']:.3f}  "
           f"{r['ms_per_call']:8.2f} ms  invalid {r['invalid_tables']}", flush=True)
+
+
+def per_case(rows: list[dict]) -> list[dict]:
+    """One line per (shape, skew): the default policy and ``optimal`` beside the best peer
+    of that case. ``gap`` is the default's realized imbalance over the best peer's, minus 1
+    (negative: ours is better)."""
+    out = []
+    for shape, skew in dict.fromkeys((r["shape"], r["skew"]) for r in rows):
+        here = {r["policy"]: r for r in rows if r["shape"] == shape and r["skew"] == skew and "error" not in r}
+        peers = [r for r in here.values() if r["kind"] == "peer"]
+        mine = here.get(DEFAULT_POLICY)
+        if not mine or not peers:
+            continue
+        best = min(peers, key=lambda r: r["realized_imbalance"])
+        line = {"shape": shape, "skew": skew, "hottest": mine["hottest"],
+                "default_realized": round(mine["realized_imbalance"], 4), "default_fit": round(mine["fit_ratio"], 4),
+                "default_moves": round(mine["moves_steady"], 4), "best_peer": best["policy"],
+                "best_peer_realized": round(best["realized_imbalance"], 4),
+                "gap": round(mine["realized_imbalance"] / best["realized_imbalance"] - 1, 4)}
+        if "optimal" in here:
+            line["optimal_fit"] = round(here["optimal"]["fit_ratio"], 4)
+        out.append(line)
+    return out
+
+
+def print_cases(cases: list[dict]) -> None:
+    head = (f"{'shape':<19} {'skew':<9} {'hot':>5} {DEFAULT_POLICY + ' realized':>16} {'fit':>7} {'moves':>6} "
+            f"{'best peer':<28} {'realized':>8} {'gap':>7} {'optimal fit':>11}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for c in cases:
+        opt = c.get("optimal_fit")
+        flag = "  <- peer ahead by > 2 %" if c["gap"] > 0.02 else ""
+        print(f"{c['shape']:<19} {c['skew']:<9} {c['hottest']:5.1f} {c['default_realized']:16.4f} "
+              f"{c['default_fit']:7.4f} {c['default_moves']:6.3f} {c['best_peer'][:28]:<28} "
+              f"{c['best_peer_realized']:8.4f} {c['gap']:+7.2%} {'' if opt is None else f'{opt:11.4f}'}{flag}")
 
 
 def summarize(rows: list[dict], full: dict) -> list[dict]:
@@ -318,7 +369,7 @@ def summarize(rows: list[dict], full: dict) -> list[dict]:
 
 def print_summary(summary: list[dict]) -> None:
     head = (f"{'policy':<30} {'realized':>9} {'fit':>7} {'worst fit':>9} {'moves 1st':>9} {'moves':>7} "
-            f"{'ms/call':>8} {'V3 full ms':>10} {'invalid':>7} {'errors':>6}")
+            f"{'ms/call':>8} {'invalid':>7} {'errors':>6}")
     print("\n" + head + "\n" + "-" * len(head))
     for s in summary:
         if "realized_imbalance" not in s:
@@ -328,11 +379,19 @@ def print_summary(summary: list[dict]) -> None:
             what = "a bound: no policy beats it" if "bound" in s["policy"] else "knows the scored window"
             print(f"{s['policy'][:30]:<30} {s['realized_imbalance']:9.4f}   ({what})")
             continue
-        v3 = s["full_shape_ms"]
-        v3 = f"{v3:10.1f}" if isinstance(v3, float) else f"{'error':>10}"
         print(f"{s['policy']:<30} {s['realized_imbalance']:9.4f} {s['fit_ratio']:7.4f} {s['worst_fit_ratio']:9.4f} "
-              f"{s['moves_first']:9.3f} {s['moves_steady']:7.3f} {s['ms_per_call']:8.2f} {v3} "
+              f"{s['moves_first']:9.3f} {s['moves_steady']:7.3f} {s['ms_per_call']:8.2f} "
               f"{s['invalid_tables']:7d} {s['errors']:6d}")
+
+
+def print_full_shape(full: dict[str, dict]) -> None:
+    """ms per call on DeepSeek-V3 EP32 (58 layers), first call and steady state, per heat."""
+    head = f"{'DeepSeek-V3 EP32, 58 layers':<30}" + "".join(f"{skew + ' 1st / steady ms':>28}" for skew in FULL_SHAPE_SKEWS)
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, by_skew in full.items():
+        cells = [f"{v['first']:10.1f} / {v['steady']:<8.1f}" if isinstance(v, dict) else "error"
+                 for v in (by_skew.get(skew) for skew in FULL_SHAPE_SKEWS)]
+        print(f"{name:<30}" + "".join(f"{c:>28}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -20,16 +20,22 @@ from vllm_eplb_plugin.policies.search import (
 
 def brute_force_peak(w: np.ndarray, R: int, K: int) -> float:
     """Smallest max rank load over every valid table of one layer: each rank picks a set
-    of K distinct experts; every expert must be covered."""
+    of K distinct experts; every expert must be covered (all choices scored at once)."""
     E = len(w)
-    sets = list(itertools.combinations(range(E), K))
+    sets = np.array(list(itertools.combinations(range(E), K)))
+    member = np.zeros((len(sets), E))
+    member[np.arange(len(sets))[:, None], sets] = 1
+    choices = np.array(list(itertools.combinations_with_replacement(range(len(sets)), R)))
     best = np.inf
-    for choice in itertools.combinations_with_replacement(range(len(sets)), R):
-        table = np.array([[sets[c] for c in choice]])
-        if np.any(logcnt(table, E) == 0):
-            continue
-        best = min(best, rank_load(table, w[None]).max())
-    return float(best)
+    for chunk in np.array_split(choices, max(1, len(choices) // 50_000)):
+        held = member[chunk]  # [N, R, E]
+        counts = held.sum(axis=1)  # [N, E]
+        per_replica = w / np.maximum(counts, 1)
+        peak = (held * per_replica[:, None, :]).sum(axis=-1).max(axis=1)
+        covered = (counts > 0).all(axis=1)
+        if covered.any():
+            best = min(best, float(peak[covered].min()))
+    return best
 
 
 TINY = [(3, 2, 4), (3, 2, 5), (2, 3, 4), (4, 2, 5), (3, 3, 6)]  # (R, K, E)
@@ -51,12 +57,35 @@ def test_optimal_against_brute_force_and_the_bound_holds(pairing):
             assert ours >= exact - 1e-9  # nothing beats exhaustive search: checks the scorer
             gaps.append(ours / exact)
     gaps = np.array(gaps)
-    # Measured on these 30 cases, with and without pairing: 27 exact, mean 0.68 %, worst
-    # 7.8 % above the optimum (one-for-one swaps alone: 22 exact, mean 2.2 %, worst 20 %;
-    # with replica-slot moves 23, 0.9 %; pairing counts 26, 0.7 %). The replica-slot moves
-    # fix counts the min-max rule got wrong, the two-for-two swaps packings that one-for-one
-    # swaps cannot improve.
-    assert np.sum(gaps <= 1 + 1e-9) >= 27 and gaps.mean() <= 1.0075 and gaps.max() <= 1.08, gaps.round(3)
+    # Measured on these 30 cases, with and without pairing: 30 exact. Before the search
+    # over every count vector (search.every_count_table, possible on problems this small):
+    # 27 exact, mean 0.68 %, worst 7.8 % above the optimum; one-for-one swaps alone: 22
+    # exact, mean 2.2 %, worst 20 %.
+    assert np.all(gaps <= 1 + 1e-9), gaps.round(3)
+
+
+def test_replica_counts_chosen_for_packing_reach_the_optimum_with_few_experts():
+    # Mixtral-like: 8 experts, top-2, 4 ranks x 3 slots, the hottest expert taking up to
+    # ~49 % of the assignments (the benchmark's heavy and extreme skews). The min-max
+    # counts give the second hottest expert three replicas; the best tables often keep it
+    # whole and split two small experts into fillers instead.
+    from benchmarks.traces import SKEWS, drifting_trace
+
+    optimal, swift = create_policy("optimal"), create_policy("swift")
+    gaps = {"optimal": [], "swift": []}
+    for skew in ("heavy", "extreme"):
+        heat = drifting_trace(8, 6, 1, 8, 1024, 2, SKEWS[skew], seed=3)[0].sum(axis=0)  # [6, 8]
+        table = default_table(6, 4, 3, 8)
+        for name, policy in (("optimal", optimal), ("swift", swift)):
+            peaks = rank_load(policy.plan(table, heat).new_table, heat).max(axis=1)
+            gaps[name] += [p / brute_force_peak(w, 4, 3) for p, w in zip(peaks, heat)]
+    opt, sw = np.array(gaps["optimal"]), np.array(gaps["swift"])
+    assert opt.min() >= 1 - 1e-9 and sw.min() >= 1 - 1e-9  # nothing beats exhaustive search
+    # Measured: optimal exact on 11 of 12 layers, worst 0.27 % above (min-max counts
+    # alone: 2 exact, worst 2.4 %); swift, which keeps a repair within its 1 % slack of a
+    # fresh placement, 8 exact, worst 0.9 % (before: 0 exact, worst 2.9 %).
+    assert np.sum(opt <= 1 + 1e-9) >= 11 and opt.max() <= 1.003, opt.round(4)
+    assert np.sum(sw <= 1 + 1e-9) >= 7 and sw.max() <= 1.01, sw.round(4)
 
 
 def test_lower_bound_hand_checked():
@@ -198,9 +227,9 @@ def _drifting_runs(policy: str, updates: int = 5, seed: int = 0):
     """Fit on window w, score on w + 1 (the benchmark's protocol), DeepSeek-V3 EP32 shape,
     4 layers. Returns per-update (realized imbalance, moved fraction)."""
     from benchmarks.policies import step_imbalance
-    from benchmarks.traces import drifting_trace
+    from benchmarks.traces import SKEWS, drifting_trace
 
-    trace = drifting_trace(256, 4, updates + 1, 8, 256 * 32, 8, zipf_s=0.7, seed=seed)
+    trace = drifting_trace(256, 4, updates + 1, 8, 256 * 32, 8, SKEWS["heavy"], seed=seed)  # hottest ~16x the mean
     pol = create_policy(policy)
     table = default_table(4, 32, 9, 256)
     out = []

@@ -6,7 +6,10 @@ window ``[L, R, K]`` or a per-step series ``[T, L, R, K]``, and returns a
 unpacks like vLLM Ascend's ``(changed, priority, new_table)`` 3-tuple.
 
 Most policies only need ``PlacementPolicy``: implement ``place`` and the template does
-input validation, the ``max_move`` bound and the result bookkeeping.
+input validation, the ``max_move`` bound and the result bookkeeping. Inside, load is per
+logical expert (``[L, E]``, or ``[T, L, E]`` per step); ``EplbPolicy.plan(table, heat)``
+is the entry point for callers that hold it, and per-slot loads exist only at the
+``rebalance_experts`` boundary.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 
 import numpy as np
 
+from .hierarchy import place_in_nodes, respects_groups
 from .moves import limit_moves, preserve_slots, repair_table
 from .placement import (
     _to_numpy,
@@ -35,6 +39,7 @@ __all__ = [
     "PolicyConfig",
     "PolicyResult",
     "Option",
+    "as_heat",
     "as_workload",
     "make_result",
 ]
@@ -126,21 +131,10 @@ class PolicyConfig:
             raise TypeError(f"PolicyConfig.options must be a dict with string keys; got {self.options!r}.")
 
 
-def as_workload(workload: Any, table_shape: tuple[int, int, int], *, name: str = "expert_workload") -> np.ndarray:
-    """Validate a per-slot workload and return it as ``float64 [T, L, R, K]``.
-
-    Accepts ``[L, R, K]`` (returned with ``T = 1``) or ``[T, L, R, K]``; values must be
-    finite and non-negative. Loads whose sum would overflow float64 are divided by their
-    maximum (a placement depends only on load ratios).
-    """
-    arr = _to_numpy(workload)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:] != tuple(table_shape) or arr.shape[0] == 0:
-        raise ValueError(
-            f"{name} must have shape [L, R, K] = {list(table_shape)} (one window) or [T, L, R, K] "
-            f"(per-step series); got {list(np.shape(workload))}."
-        )
+def _checked_load(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` as float64 after the checks every load takes: numeric, finite, non-negative.
+    Loads whose sum would overflow float64 are divided by their maximum (a placement
+    depends only on load ratios)."""
     if arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be numeric; got dtype {arr.dtype}.")
     arr = arr.astype(np.float64)
@@ -154,6 +148,40 @@ def as_workload(workload: Any, table_shape: tuple[int, int, int], *, name: str =
     if overflows:  # finite loads whose sum does not fit float64: placements are scale-free
         arr = arr / arr.max()
     return arr
+
+
+def as_workload(workload: Any, table_shape: tuple[int, int, int], *, name: str = "expert_workload") -> np.ndarray:
+    """Validate a per-slot workload and return it as ``float64 [T, L, R, K]``.
+
+    Accepts ``[L, R, K]`` (returned with ``T = 1``) or ``[T, L, R, K]``; values must be
+    finite and non-negative (see :func:`as_heat` for overflow).
+    """
+    arr = _to_numpy(workload)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != tuple(table_shape) or arr.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have shape [L, R, K] = {list(table_shape)} (one window) or [T, L, R, K] "
+            f"(per-step series); got {list(np.shape(workload))}."
+        )
+    return _checked_load(arr, name)
+
+
+def as_heat(heat: Any, num_layers: int, *, name: str = "expert_load") -> np.ndarray:
+    """Validate a per-expert load and return it as ``float64 [T, L, E]``.
+
+    Accepts ``[L, E]`` (returned with ``T = 1``) or ``[T, L, E]``; values must be finite
+    and non-negative; loads whose sum overflows float64 are rescaled by their maximum.
+    """
+    arr = _to_numpy(heat)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1] != num_layers or 0 in arr.shape:
+        raise ValueError(
+            f"{name} must have shape [L, E] with L = {num_layers} (one window) or [T, L, E] (per-step series); "
+            f"got {list(np.shape(heat))}."
+        )
+    return _checked_load(arr, name)
 
 
 def make_result(old: np.ndarray, new: np.ndarray, expert_load: np.ndarray) -> PolicyResult:
@@ -204,29 +232,62 @@ class EplbPolicy(ABC):
             ``PolicyResult(changed, priority [L], new_table [L, R, K])``.
         """
 
+    def plan(self, table: Any, heat: Any) -> PolicyResult:
+        """Plan from per-expert load: the entry point the engines and the CLI call.
+
+        Args:
+            table: valid ``[L, R, K]`` table.
+            heat: tokens routed to each logical expert, ``[L, E]`` or ``[T, L, E]``.
+
+        The base class spreads ``heat`` evenly over each expert's slots and calls
+        ``rebalance_experts``; :class:`PlacementPolicy` plans on it directly.
+        """
+        table = as_table(table, name="current_expert_table")
+        per_step = as_heat(heat, table.shape[0])  # [T, L, E]
+        slot_load = expert_to_slot_load(table, per_step)  # [T, L, R, K]
+        return self.rebalance_experts(table, slot_load if np.ndim(heat) == 3 else slot_load[0])
+
 
 class PlacementPolicy(EplbPolicy):
-    """Template for policies that compute a target table. It accepts any table an engine
-    holds (:func:`~.moves.repair_table` fixes -1 padding, an expert twice on a rank or a
-    missing expert; ``max_move`` does not count those repairs), validates the inputs and
-    the target, keeps every expert that stays on a rank in its slot (engines reject a plan
-    that moves weights within a rank), applies ``max_move`` (keeping the moves that gain
-    most) and fills in ``PolicyResult``."""
+    """Template for policies that compute a target table. Its steps, in order:
+
+    1. accept any table an engine holds (:func:`~.moves.repair_table` fixes -1 padding, an
+       expert twice on a rank or a missing expert; ``max_move`` does not count repairs);
+    2. ``place`` computes the target, which is validated;
+    3. layers the target does not improve (``layer_cost``) keep the current table, so no
+       weight moves for nothing (``keep_unimproved = False`` turns this off);
+    4. every expert that stays on a rank keeps its slot (engines reject a plan that moves
+       weights within a rank);
+    5. ``max_move`` keeps the moves that gain most;
+    6. ``PolicyResult`` is filled in, ``changed`` against the engine's table.
+    """
+
+    keep_unimproved: ClassVar[bool] = True
+    """Put back layers whose target is not better than the current table (step 3)."""
+    hierarchical: ClassVar[bool] = True
+    """With ``num_nodes > 1``, ``place`` runs per node with each expert group's replicas
+    inside one node (:mod:`~.hierarchy`); ``False``: ``place`` sees the whole layer."""
 
     def rebalance_experts(self, current_expert_table: Any, expert_workload: Any) -> PolicyResult:
         held = as_table(current_expert_table, name="current_expert_table")  # what the engine holds
-        series = as_workload(expert_workload, held.shape)
+        series = as_workload(expert_workload, held.shape)  # [T, L, R, K]
         num_experts = num_experts_of(held)
+        ok = (held >= 0) & (held < num_experts)  # -1 padding carries no load
+        return self.plan(held, slot_to_expert_load(np.where(ok, held, 0), series * ok, num_experts))
+
+    def plan(self, table: Any, heat: Any) -> PolicyResult:
+        held = as_table(table, name="current_expert_table")
+        heat = as_heat(heat, held.shape[0])  # [T, L, E]
+        num_experts = heat.shape[2]
         table = repair_table(held, num_experts)
-        if table is not held:  # -1 padding, an expert twice on a rank, a missing expert
-            # Read the engine's slots as load per expert, then spread it over the repaired table.
-            ok = (held >= 0) & (held < num_experts)
-            per_expert = slot_to_expert_load(np.where(ok, held, 0), series * ok, num_experts)  # [T, L, E]
-            series = expert_to_slot_load(table, per_expert)
-        expert_load = slot_to_expert_load(table, series.sum(axis=0), num_experts)
+        expert_load = heat.sum(axis=0)  # [L, E]
         # An invalid target is the policy's bug: name it here, before slots are matched.
-        target = validate_table(self.place(table, series, expert_load), num_experts,
+        target = validate_table(place_in_nodes(self, table, heat, expert_load), num_experts,
                                 name=f"{self.name or type(self).__name__}.place() result")
+        if self.keep_unimproved:
+            worse = self.layer_cost(target, heat, expert_load) >= self.layer_cost(table, heat, expert_load)
+            worse &= respects_groups(self, table, num_experts)  # never keep groups spread over nodes
+            target = np.where(worse[:, None, None], table, target)
         # Slots first, so that max_move spends no move on reordering a rank; every table
         # on the way from ``table`` to a slot-kept target keeps slots too.
         new = preserve_slots(table, target)
@@ -234,12 +295,17 @@ class PlacementPolicy(EplbPolicy):
             new = limit_moves(table, new, expert_load, self.config.max_move)
         return make_result(table, new, expert_load)._replace(changed=bool(np.any(new != held)))
 
+    def layer_cost(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        """What the policy minimises per layer, ``[L]``: the largest rank load by default."""
+        return rank_load(table, expert_load).max(axis=1)
+
     @abstractmethod
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         """Return the target ``table [L, R, K]``.
 
         Args:
-            table: current ``int64 [L, R, K]`` (validated; do not modify).
-            series: ``float64 [T, L, R, K]`` load per slot per step (``T = 1`` for a window).
-            expert_load: ``float64 [L, E]``, ``series`` summed over time and by expert.
+            table: current ``int64 [L, R, K]`` (valid; do not modify).
+            heat: ``float64 [T, L, E]`` tokens routed to each logical expert per step
+                (``T = 1`` for a window).
+            expert_load: ``float64 [L, E]``, ``heat`` summed over steps.
         """

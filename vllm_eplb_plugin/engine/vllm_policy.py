@@ -19,7 +19,7 @@ import torch
 
 from ..config import EplbConfig
 from ..moves import repair_table
-from ..placement import default_table, expert_to_slot_load
+from ..placement import default_table
 from ..planner import check_plan
 from ..policy import EplbPolicy, PolicyConfig
 from ..registry import create_policy
@@ -96,7 +96,7 @@ def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, n
             return old
         return np.tile(np.arange(num_ranks * slots) % num_experts, (num_layers, 1)).reshape(num_layers, num_ranks, slots)
     try:
-        result = policy.rebalance_experts(start, expert_to_slot_load(start, load))
+        result = policy.plan(start, load)
         return check_plan(start, result.new_table, num_experts)
     except Exception as exc:  # noqa: BLE001 - an exception here would stop vLLM's engine
         logger.error("EPLB plugin: policy %s failed inside vLLM's EplbState, keeping the placement: %s: %s",

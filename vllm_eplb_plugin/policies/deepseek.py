@@ -140,8 +140,10 @@ class DeepSeekPolicy(PlacementPolicy):
     """DeepSeek's EPLB: replicate the hottest experts, pack replicas onto ranks greedily."""
 
     name = "deepseek"
+    keep_unimproved = False  # every layer re-placed, as the reference does (same rank sets)
+    hierarchical = False  # does its own groups -> nodes -> ranks (deepseek_phy2log)
 
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         L, R, K = table.shape
         groups, nodes = self.config.num_groups, self.config.num_nodes
         E = expert_load.shape[1]

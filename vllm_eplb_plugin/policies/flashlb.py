@@ -2,7 +2,7 @@
 window's per-step peaks stay low, not only its sum.
 
 A step waits for its slowest rank, so what matters is the expected per-step maximum. From
-the series ``[T, L, R, K]`` each expert gets a per-step mean and variance; a rank's cost
+the per-step load ``[T, L, E]`` each expert gets a per-step mean and variance; a rank's cost
 is ``mean + z * std`` of its per-step load (variances of the replicas it holds add up,
 treating experts as independent), and the ``optimal`` machinery minimises the largest
 cost: replica counts and greedy packing on ``mean + z * std``, then the swap search on the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..policy import Option, PlacementPolicy
-from .search import fresh_table, keep_if_not_better, per_step_stats
+from .search import fresh_table, rank_cost
 
 __all__ = ["FlashLBPolicy"]
 
@@ -25,7 +25,8 @@ class FlashLBPolicy(PlacementPolicy):
     name = "flashlb"
     OPTIONS = {"z": Option(1.0, "Weight of the per-step standard deviation in a rank's cost.", 0.0, 10.0)}
 
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
-        z = self.options["z"]
-        mean, var = per_step_stats(table, series)
-        return keep_if_not_better(table, fresh_table(table, mean, var, z), mean, var, z)
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        return fresh_table(table, heat.mean(axis=0), heat.var(axis=0), self.options["z"])
+
+    def layer_cost(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        return rank_cost(table, heat.mean(axis=0), heat.var(axis=0), self.options["z"]).max(axis=1)

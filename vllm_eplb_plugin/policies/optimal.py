@@ -10,8 +10,8 @@ replica counts the min-max rule got wrong for packing (``tests/test_policies.py`
 measures both against exhaustive search on small cases). Option ``pairing``: with two
 slots per rank, also try counts searched on the exact sorted-pairing peak
 (``search.pairing_counts``, ``search.pairing_search``; see README for why it is off by
-default). Ranks are then renumbered to keep as many experts in place as possible, and a
-layer whose current table is already at least as good keeps it.
+default). Ranks are then renumbered to keep as many experts in place as possible (the template
+keeps a layer whose current table is already at least as good).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..policy import Option, PlacementPolicy
-from .search import fresh_table, keep_if_not_better
+from .search import fresh_table
 
 __all__ = ["OptimalPolicy"]
 
@@ -34,6 +34,5 @@ class OptimalPolicy(PlacementPolicy):
                                  "next window realizes worse than with the min-max counts, and a call is slower)."),
     }
 
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
-        new = fresh_table(table, expert_load, search_counts=True, pairing=self.options["pairing"])
-        return keep_if_not_better(table, new, expert_load)
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+        return fresh_table(table, expert_load, search_counts=True, pairing=self.options["pairing"])

@@ -18,9 +18,11 @@ class RandomPolicy(PlacementPolicy):
     """Shuffle expert ids and ranks per layer; ignores the load."""
 
     name = "random"
+    keep_unimproved = False  # it exists to move weights (tests, vLLM Ascend's type 0)
+    hierarchical = False  # ignores the load and the topology: any valid table will do
     OPTIONS = {"seed": Option(0, "Seed of the shuffle; the same seed gives the same table.", 0, 2**32 - 1)}
 
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         L, R, _ = table.shape
         E = expert_load.shape[1]
         rng = np.random.default_rng(self.options["seed"])

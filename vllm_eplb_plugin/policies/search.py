@@ -9,15 +9,16 @@ with ``c`` replicas carries ``mean / c`` and ``var / c**2``. A rank's cost is
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..moves import separate_duplicates
-from ..placement import logcnt, num_experts_of, slot_to_expert_load
-from .deepseek import deepseek_phy2log, replicate
+from ..placement import logcnt
+from .deepseek import deepseek_phy2log, pack, replicate
 
 __all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "swap_pairs", "pairing_counts",
-           "pairing_search", "pair_table", "recount", "align_ranks", "fresh_table", "per_step_stats",
-           "keep_if_not_better"]
+           "pairing_search", "pair_table", "recount", "align_ranks", "fresh_table"]
 
 
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
@@ -338,40 +339,75 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
     take the missing replicas, heaviest replica into the least loaded rank that does not
     hold its expert yet. If every freed slot is on a rank that holds it, a replica of
     similar load on another rank moves into the freed slot and makes room (two slots).
+    All layers advance together, one missing replica per layer per step.
     ``table [L, R, K]``, ``mean [L, E]`` -> ``[L, R, K]``.
     """
-    t = table.copy()
+    L, R, K = table.shape
     E = mean.shape[1]
-    current = logcnt(t, E)
-    loads = rank_cost(t, mean)  # [L, R]
-    for l in np.flatnonzero(np.any(current != counts, axis=1)):
-        tl, ld = t[l], loads[l]
-        freed: list[tuple[int, int]] = []
-        for e in np.flatnonzero(current[l] > counts[l]):
-            ranks, slots = np.nonzero(tl == e)
-            for j in np.argsort(-ld[ranks], kind="stable")[: current[l, e] - counts[l, e]]:
-                freed.append((int(ranks[j]), int(slots[j])))
-                ld[ranks[j]] -= mean[l, e] / current[l, e]
-        gaining = np.flatnonzero(counts[l] > current[l])
-        needed = np.repeat(gaining, (counts[l] - current[l])[gaining])
-        per_replica = mean[l] / counts[l]
-        for e in needed[np.argsort(-per_replica[needed], kind="stable")]:
-            free_ranks = np.array([r for r, _ in freed])
-            ok = ~np.any(tl[free_ranks] == e, axis=1)
-            if ok.any():
-                r, k = freed.pop(int(np.flatnonzero(ok)[ld[free_ranks[ok]].argmin()]))
-                tl[r, k] = e
-                ld[r] += per_replica[e]
-                continue
-            r, k = freed.pop(int(ld[free_ranks].argmin()))
-            # Any slot (r2, k2) whose rank lacks e and whose expert rank r lacks can make room.
-            fits = ~np.any(tl == e, axis=1)[:, None] & ~np.isin(tl, tl[r])
-            r2, k2 = np.unravel_index(np.where(fits, np.abs(per_replica[tl] - per_replica[e]), np.inf).argmin(),
-                                      tl.shape)
-            tl[r, k], tl[r2, k2] = tl[r2, k2], e
-            ld[r] += per_replica[tl[r, k]]
-            ld[r2] += per_replica[e] - per_replica[tl[r, k]]
-    return t
+    current = logcnt(table, E)
+    if np.array_equal(current, counts):
+        return table.copy()
+    t = table.reshape(L, R * K).copy()  # [L, S]
+    slot_rank = np.arange(R * K) // K  # [S]
+    load = rank_cost(table, mean)  # [L, R]
+    # 1. Free the surplus: per (layer, expert), its slots on the most loaded ranks first.
+    surplus = np.maximum(current - counts, 0)  # [L, E]
+    lay = np.repeat(np.arange(L), R * K)
+    exp, slot_load = t.ravel(), load[:, slot_rank].ravel()
+    order = np.lexsort((-slot_load, exp, lay))  # grouped by (layer, expert), hottest rank first
+    key = lay[order] * E + exp[order]
+    first = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
+    nth = np.arange(order.size) - np.repeat(first, np.diff(np.r_[first, order.size]))
+    freed = np.zeros(L * R * K, dtype=bool)
+    freed[order] = nth < surplus.ravel()[key]
+    freed = freed.reshape(L, R * K)
+    rows, cols = np.nonzero(freed)
+    load[rows, slot_rank[cols]] -= (mean / np.maximum(current, 1))[rows, t[rows, cols]]
+    t[freed] = -1
+    # 2. Fill the freed slots, heaviest missing replica first.
+    per_replica = mean / np.maximum(counts, 1)
+    deficit = np.maximum(counts - current, 0)  # [L, E]
+    needed = [np.repeat(np.arange(E), d) for d in deficit]
+    needed = [n[np.argsort(-per_replica[l, n], kind="stable")] for l, n in enumerate(needed)]
+    holds = np.zeros((L, R, E + 1), dtype=bool)  # column E: an empty slot
+    holds[np.arange(L)[:, None], slot_rank, np.where(t < 0, E, t)] = True
+    for j in range(max(map(len, needed))):
+        active = np.array([l for l in range(L) if j < len(needed[l])])
+        e = np.array([needed[l][j] for l in active])
+        ok = (t[active] < 0) & ~holds[active[:, None], slot_rank, e[:, None]]  # [n, S]
+        score = np.where(ok, load[active][:, slot_rank], np.inf)
+        pick = score.argmin(axis=1)
+        placed = np.isfinite(score[np.arange(len(active)), pick])
+        pl, pe, ps = active[placed], e[placed], pick[placed]
+        t[pl, ps] = pe
+        holds[pl, slot_rank[ps], pe] = True
+        load[pl, slot_rank[ps]] += per_replica[pl, pe]
+        if not placed.all():  # every freed slot's rank holds the expert (e.g. a linear start)
+            _make_room(t, holds, load, per_replica, active[~placed], e[~placed], slot_rank)
+    return t.reshape(L, R, K)
+
+
+def _make_room(t: np.ndarray, holds: np.ndarray, load: np.ndarray, per_replica: np.ndarray,
+               layers: np.ndarray, experts: np.ndarray, slot_rank: np.ndarray) -> None:
+    """Place a replica of ``experts [n]`` in ``layers [n]`` whose freed slots are all on
+    ranks holding it: the least loaded freed slot's rank ``r`` takes the replica of
+    closest load from a slot whose rank lacks the expert (and whose expert ``r`` lacks),
+    and the expert goes there (two slots). ``t [L, S]`` (-1: freed), ``holds [L, R, E + 1]``
+    and ``load [L, R]`` are updated in place."""
+    n = np.arange(len(layers))
+    tl = t[layers]  # [n, S]
+    s = np.where(tl < 0, load[layers][:, slot_rank], np.inf).argmin(axis=1)
+    r = slot_rank[s]
+    x_all = np.maximum(tl, 0)
+    fits = (tl >= 0) & ~holds[layers[:, None], slot_rank, experts[:, None]] & ~holds[layers[:, None], r[:, None], x_all]
+    gap = np.abs(per_replica[layers[:, None], x_all] - per_replica[layers, experts][:, None])
+    s2 = np.where(fits, gap, np.inf).argmin(axis=1)
+    x, r2 = tl[n, s2], slot_rank[s2]
+    t[layers, s], t[layers, s2] = x, experts
+    holds[layers, r, x] = holds[layers, r2, experts] = True
+    holds[layers, r2, x] = False
+    load[layers, r] += per_replica[layers, x]
+    load[layers, r2] += per_replica[layers, experts] - per_replica[layers, x]
 
 
 def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
@@ -407,6 +443,69 @@ def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarra
     return np.take_along_axis(new, source[:, :, None], axis=1)
 
 
+COUNT_SPACE = 4096
+"""Largest number of replica-count vectors :func:`every_count_table` tries per layer."""
+
+
+def count_vectors(num_experts: int, num_ranks: int, num_slots: int) -> np.ndarray | None:
+    """Every replica-count vector ``[N, E]`` (each count in ``[1, R]``, sum ``S``), or None
+    when there are more than ``COUNT_SPACE`` (``C(E + x - 1, x)`` for ``x = S - E``
+    redundant slots, before the cap of ``R`` per expert)."""
+    extra = num_slots - num_experts
+    if math.comb(num_experts + extra - 1, extra) > COUNT_SPACE:
+        return None
+    vectors = np.ones((1, num_experts), dtype=np.int64)
+    for _ in range(extra):  # add one replica at a time, keep each multiset once
+        grown = (vectors[:, None, :] + np.eye(num_experts, dtype=np.int64)[None]).reshape(-1, num_experts)
+        vectors = np.unique(grown[(grown <= num_ranks).all(axis=1)], axis=0)
+    return vectors
+
+
+def table_for_counts(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Greedy packing of the replicas of ``counts [X, E]`` (heaviest first, into the
+    lightest rank with a free slot that lacks the expert), then the swap search.
+    ``weight [X, E]`` -> ``[X, R, K]``."""
+    X, E = weight.shape
+    S = int(counts[0].sum())
+    K = S // num_ranks
+    owner = np.stack([np.repeat(np.arange(E), c) for c in counts])  # [X, S]
+    size = np.take_along_axis(weight / counts, owner, axis=1)
+    rank, slot = pack(size, num_ranks, labels=owner)
+    table = np.empty_like(owner)
+    np.put_along_axis(table, rank * K + slot, owner, axis=1)
+    return refine(separate_duplicates(table.reshape(X, num_ranks, K), weight), weight)
+
+
+def every_count_table(mean: np.ndarray, num_ranks: int, slots_per_rank: int,
+                      keep: int = 64) -> np.ndarray | None:
+    """Joint choice of replica counts and packing by trying count vectors: for small
+    problems (:func:`count_vectors`), the ``keep`` most promising vectors per layer are
+    packed (:func:`table_for_counts`) and the best table is kept; None when the count
+    space is too large.
+
+    Promise is a bound for the counts: the rank holding the largest replica also holds
+    ``K - 1`` replicas of other, distinct experts, at least the ``K - 1`` smallest, so no
+    table of those counts peaks below ``max(total / R, largest + those)``. On few experts the min-max counts are
+    often not the best for packing: splitting two small experts into fillers can beat a
+    third replica of a hot one (``tests/test_policies.py`` measures this against
+    exhaustive search). ``mean [L, E]`` -> ``[L, R, K]``.
+    """
+    L, E = mean.shape
+    K = slots_per_rank
+    vectors = count_vectors(E, num_ranks, num_ranks * K)
+    if vectors is None:
+        return None
+    sizes = np.sort(mean[:, None, :] / vectors[None], axis=-1)  # [L, N, E]: each expert's replica size
+    # The K - 1 partners of the largest replica are distinct experts, other than its own.
+    partners = sizes[..., : min(K - 1, E - 1)].sum(axis=-1)
+    bound = np.maximum(sizes[..., -1] + partners, mean.sum(axis=1, keepdims=True) / num_ranks)  # [L, N]
+    best = np.argsort(bound, axis=1, kind="stable")[:, :keep]  # [L, M]
+    rows = np.repeat(np.arange(L), best.shape[1])
+    tables = table_for_counts(mean[rows], vectors[best.ravel()], num_ranks)  # [L * M, R, K]
+    peak = rank_cost(tables, mean[rows]).max(axis=1).reshape(L, -1)
+    return tables.reshape(L, -1, num_ranks, K)[np.arange(L), peak.argmin(axis=1)]
+
+
 def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
                 search_counts: bool = False, pairing: bool = False) -> np.ndarray:
     """A placement computed from scratch, then moved as little as possible from ``old``:
@@ -436,24 +535,15 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
                 better = paired_peak < peak
                 placed[better] = paired[better]
                 peak = np.minimum(peak, paired_peak)
+        counted = every_count_table(mean, R, K)
+        if counted is not None:
+            counted_peak = rank_cost(counted, mean).max(axis=1)
+            better = counted_peak < peak
+            placed[better] = counted[better]
+            peak = np.minimum(peak, counted_peak)
         # Only layers the swaps left above the bound have anything to gain.
         good_enough = 1.001 * lower_bound(mean, R, R * K)
         gap = np.flatnonzero(peak > good_enough)
         if gap.size:
             placed[gap] = move_replicas(placed[gap], mean[gap], good_enough=good_enough[gap])
     return align_ranks(old, placed, mean.shape[1])
-
-
-def per_step_stats(table: np.ndarray, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-expert mean and variance over steps ``[L, E]`` each, from the per-slot series
-    ``[T, L, R, K]`` of ``table [L, R, K]`` (variance 0 when ``T = 1``)."""
-    per_step = slot_to_expert_load(table, series, num_experts_of(table))  # [T, L, E]
-    return per_step.mean(axis=0), per_step.var(axis=0)
-
-
-def keep_if_not_better(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None,
-                       z: float = 0.0) -> np.ndarray:
-    """``new`` with every layer whose peak cost does not beat ``old``'s put back to ``old``
-    (no weights move for nothing). ``old, new [L, R, K]``, ``mean, var [L, E]``."""
-    worse = rank_cost(new, mean, var, z).max(axis=1) >= rank_cost(old, mean, var, z).max(axis=1)
-    return np.where(worse[:, None, None], old, new)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..policy import Option, PlacementPolicy
-from .search import fresh_table, keep_if_not_better, rank_cost, recount, refine, replica_counts
+from .search import count_vectors, fresh_table, rank_cost, recount, refine, replica_counts
 
 __all__ = ["SwiftPolicy"]
 
@@ -29,13 +29,13 @@ class SwiftPolicy(PlacementPolicy):
     name = "swift"
     PARTNERS = 8  # swap partners tried per step: the 8 least loaded ranks (speed; see search.refine)
     OPTIONS = {
-        "min_gain": Option(0.01, "A swap must lower the hottest rank's load by more than this fraction of the "
+        "min_gain": Option(0.005, "A swap must lower the hottest rank's load by more than this fraction of the "
                                   "mean rank load.", 0.0, 1.0),
-        "slack": Option(0.03, "Repair is kept while its peak is within this fraction of a fresh placement's.",
+        "slack": Option(0.01, "Repair is kept while its peak is within this fraction of a fresh placement's.",
                         0.0, 10.0),
     }
 
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         L, R, K = table.shape
         slack = 1 + self.options["slack"]
         counts = replica_counts(expert_load, R, R * K)
@@ -46,7 +46,10 @@ class SwiftPolicy(PlacementPolicy):
         peak = rank_cost(target, expert_load).max(axis=1)
         far = np.flatnonzero(peak > slack * bound)
         if far.size:
-            fresh = fresh_table(table[far], expert_load[far])
+            # Where every replica-count vector can be tried (few experts), the fresh
+            # placement searches counts too: cheap there, and min-max counts pack badly.
+            small = count_vectors(expert_load.shape[1], R, R * K) is not None
+            fresh = fresh_table(table[far], expert_load[far], search_counts=small)
             use = peak[far] > slack * rank_cost(fresh, expert_load[far]).max(axis=1)
             target[far[use]] = fresh[use]
-        return keep_if_not_better(table, target, expert_load)
+        return target

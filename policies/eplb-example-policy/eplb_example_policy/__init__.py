@@ -20,7 +20,7 @@ class LptPolicy(PlacementPolicy):
 
     name = "example-lpt"
 
-    def place(self, table: np.ndarray, series: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
+    def place(self, table: np.ndarray, heat: np.ndarray, expert_load: np.ndarray) -> np.ndarray:
         L, R, K = table.shape
         phy2log, count = replicate(expert_load, R * K, cap=R)  # [L, S], [L, E]
         target = np.empty_like(table)
