@@ -11,34 +11,59 @@ summed load and every rank receives the same ``plan`` (or ``keep``), in the same
 The policy runs here, off the ranks' forward path. A failing policy, an invalid table or a
 rank that goes away never stops the scheduler: it logs why and the ranks keep serving on
 their current tables.
+
+Hostile or broken clients cannot stop it either: each connection's auth handshake runs on
+a thread of its own with a deadline (``handshake_timeout``), so a peer that never answers
+or hangs up mid-handshake holds up no one; every field of every message is checked before
+use (:mod:`.protocol`); each connection may have at most :data:`MAX_QUEUED` messages waiting
+for the planning thread (then its reader stops reading and TCP pushes back on the sender)
+and :data:`MAX_OUTBOX` messages waiting to be written (then it is disconnected: it does not
+read); refusals are logged at most once a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
 import numpy as np
 
 from ..metrics import balancedness
-from ..placement import changed_slots, expert_to_slot_load, logcnt, validate_table
+from ..placement import changed_slots, logcnt, validate_table
 from ..planner import check_plan, review_plan
 from ..policy import PolicyConfig
 from ..registry import create_policy, resolve_policy_name
-from .protocol import ProtocolError, recv, resolve_auth_key, send
+from .protocol import (
+    MessageTooLarge, ProtocolError, encode, int_field, load_field, recv, resolve_auth_key, show, table_field,
+)
 
 logger = logging.getLogger("vllm_eplb_plugin.runtime")
 
 MODES = ("A2A", "AG", "EX")
+
+LISTEN_BACKLOG = 128
+"""Connections the kernel holds until they are accepted (multiprocessing's default is 1:
+ranks starting together were dropped and retried for minutes)."""
+MAX_HANDSHAKES = 64
+"""Handshakes in progress at once; more connections wait in the backlog."""
+MAX_QUEUED = 16
+"""Messages of one connection waiting for the planning thread; its reader then waits."""
+MAX_OUTBOX = 1024
+"""Messages to one connection not yet written (on top of the kernel's socket buffers)."""
+MAX_PENDING_ROUNDS = 16
+"""Incomplete rounds kept per layer; older ones are dropped (ranks run in step, so a round
+this far behind will never complete)."""
+LOG_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +83,8 @@ class SchedulerConfig:
     """Redundant slots in all; ``(expert_num + redundant) % world_size == 0``."""
     policy: str | None = None
     """Policy name or ``module:Class``; None: the project's default."""
+    handshake_timeout: float = 5.0
+    """Seconds a new connection has to pass the auth handshake before it is dropped."""
 
     def __post_init__(self) -> None:
         for name in ("world_size", "expert_num", "block_num"):
@@ -107,11 +134,103 @@ def expand_table(table: np.ndarray, slots_per_rank: int) -> np.ndarray:
     return out
 
 
+class _RateLimitedLog:
+    """Warnings at most once per ``interval`` seconds per ``key`` (a kind of problem, so a
+    flood of one kind hides no other); the next one says how many were left out. A flood of
+    bad messages or connections must not flood the log (312 MB in 25 s, before)."""
+
+    def __init__(self, interval: float = LOG_INTERVAL_S) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._state: dict[str, tuple[float, int]] = {}  # key -> (next time to log, left out since)
+
+    def warning(self, key: str, fmt: str, *args: Any, exc_info: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            due, left_out = self._state.get(key, (0.0, 0))
+            if now < due:
+                self._state[key] = (due, left_out + 1)
+                return
+            self._state[key] = (now + self.interval, 0)
+        if left_out:
+            fmt, args = fmt + " (and %d more like it not logged)", (*args, left_out)
+        logger.warning(fmt, *args, exc_info=exc_info)
+
+
+class _Peer:
+    """One connection: its socket, the reader's credit (at most :data:`MAX_QUEUED` messages
+    queued for the planning thread) and the writer's outbox (at most :data:`MAX_OUTBOX`).
+
+    The reader and the writer thread both use the socket, so the last of them to stop closes
+    it; anyone else only shuts it down, which wakes both (a plain close wakes neither, and a
+    closed descriptor's number may be reused by the next connection).
+    """
+
+    def __init__(self, conn: Connection, address: Any) -> None:
+        self.conn = conn
+        self.name = "%s:%s" % tuple(address) if isinstance(address, tuple) else str(address)
+        self.credit = threading.Semaphore(MAX_QUEUED)
+        self.outbox: queue.Queue[bytes | None] = queue.Queue(MAX_OUTBOX)
+        self.authenticated = False
+        self.expired = False
+        self._lock = threading.Lock()
+        self._users = 1  # the connection's thread; the writer adds one
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        """Queue ``msg`` for the writer; False when the outbox is full (the peer does not read)."""
+        try:
+            self.outbox.put_nowait(encode(msg))
+            return True
+        except queue.Full:
+            return False
+
+    def finish(self) -> None:
+        """Let the writer send what is queued, then shut the socket down."""
+        try:
+            self.outbox.put_nowait(None)
+        except queue.Full:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self.conn.closed:
+                return
+            try:
+                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already shut down, or reset by the peer
+                pass
+
+    def expire(self) -> None:
+        """The handshake deadline: drop the peer unless it has authenticated by now."""
+        with self._lock:
+            if self.authenticated:
+                return
+            self.expired = True
+        self.shutdown()
+
+    def authenticate(self) -> bool:
+        """Mark the handshake done; False if the deadline came first."""
+        with self._lock:
+            self.authenticated = not self.expired
+            if self.authenticated:
+                self._users += 1
+            return self.authenticated
+
+    def release(self) -> None:
+        """A thread stops using the socket; the last one closes it."""
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self.conn.close()
+
+
 class Scheduler:
     """Accepts the ranks, plans per layer and round, sends every rank the same messages.
 
-    All planning and sending happens on the thread that runs :meth:`serve_forever`;
-    one reader thread per connection only queues what arrives.
+    All planning happens on the thread that runs :meth:`serve_forever`; per connection, one
+    thread runs the handshake and then reads, checks and queues what arrives, and one writes
+    what the planning thread queued for it, so no peer can make the planning thread wait.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
@@ -119,15 +238,22 @@ class Scheduler:
         self.policy = create_policy(
             config.policy, PolicyConfig(max_move=config.max_move if config.mode == "EX" else None)
         )
-        self.listener = Listener((config.host, config.port), authkey=config.auth_key)
+        # No authkey here: Listener.accept() would run the handshake on the accept thread,
+        # where one silent peer blocks everyone. _connection runs it, with a deadline.
+        self.listener = Listener((config.host, config.port), backlog=LISTEN_BACKLOG)
         self.address = self.listener.address
         self.tables: np.ndarray | None = None  # [L, R, K] once every rank said hello
         self.plans = 0
-        self._events: queue.Queue = queue.Queue()
-        self._ranks: dict[int, Connection] = {}
+        self._events: queue.Queue = queue.Queue()  # (peer, kind, payload); at most MAX_QUEUED per peer
+        self._peers: set[_Peer] = set()
+        self._peers_lock = threading.Lock()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._ranks: dict[int, _Peer] = {}
         self._hellos: dict[int, np.ndarray] = {}  # rank -> [L, K0], until init
         self._pending: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (round, layer) -> rank -> [E]
         self._last_round: dict[tuple[int, int], int] = {}  # (rank, layer) -> last round reported
+        self._log = _RateLimitedLog()
+        self._parsers = {"hello": self._parse_hello, "load": self._parse_load}
         self._stop = threading.Event()
 
     # -- threads --------------------------------------------------------------------------
@@ -142,105 +268,202 @@ class Scheduler:
         )
         while not self._stop.is_set():
             try:
-                kind, conn, msg = self._events.get(timeout=0.2)
+                peer, kind, payload = self._events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if kind == "closed":
-                self._closed(conn)
-            else:
-                self._handle(conn, msg)
+            try:
+                if kind == "closed":
+                    self._closed(peer)
+                else:
+                    self._handle(peer, kind, payload)
+            except Exception:  # a bug met by one message must not stop the scheduler
+                self._log.warning("bug", "EPLB scheduler: handling a %s message from %s failed; message dropped",
+                                  kind, peer.name, exc_info=True)
+            finally:
+                if kind != "closed":
+                    peer.credit.release()
 
     def stop(self) -> None:
         self._stop.set()
+        try:  # closing a listening socket does not wake a thread blocked in accept(); a connection does
+            socket.create_connection(self.address[:2], timeout=1).close()
+        except OSError:
+            pass
         self.listener.close()
-        for conn in list(self._ranks.values()):
-            conn.close()
+        with self._peers_lock:
+            peers = list(self._peers)
+        for peer in peers:
+            peer.shutdown()
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
+            if not self._handshakes.acquire(timeout=0.2):  # MAX_HANDSHAKES in progress
+                continue
             try:
                 conn = self.listener.accept()
-            except AuthenticationError as exc:  # raised before any message is read or sent
-                logger.warning("EPLB scheduler rejected a connection: wrong auth key (%s)", exc)
-                continue
-            except OSError:
+            except OSError as exc:  # e.g. out of file descriptors: wait, then carry on
+                self._handshakes.release()
                 if self._stop.is_set():
                     return
-                logger.exception("EPLB scheduler: accept failed")
+                self._log.warning("accept", "EPLB scheduler: accept failed (%s); still accepting", exc)
+                time.sleep(0.1)
                 continue
-            threading.Thread(target=self._read_loop, args=(conn,), name="eplb-reader", daemon=True).start()
+            if self._stop.is_set():
+                conn.close()
+                return
+            peer = _Peer(conn, self.listener.last_accepted)
+            threading.Thread(target=self._connection, args=(peer,), name="eplb-conn", daemon=True).start()
 
-    def _read_loop(self, conn: Connection) -> None:
+    def _connection(self, peer: _Peer) -> None:
+        """Thread of one connection: the handshake, then the writer thread and reading."""
         try:
-            while True:
-                self._events.put(("msg", conn, recv(conn)))
-        except ProtocolError as exc:
-            self._events.put(("msg", conn, {"type": "invalid", "message": str(exc)}))
+            authenticated = self._handshake(peer)
+        finally:
+            self._handshakes.release()
+        if not authenticated:
+            return peer.release()
+        with self._peers_lock:
+            self._peers.add(peer)
+        threading.Thread(target=self._write_loop, args=(peer,), name="eplb-writer", daemon=True).start()
+        self._read_loop(peer)
+
+    def _handshake(self, peer: _Peer) -> bool:
+        """multiprocessing's HMAC challenge both ways, within ``handshake_timeout`` seconds."""
+        timer = threading.Timer(self.config.handshake_timeout, peer.expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            deliver_challenge(peer.conn, self.config.auth_key)
+            answer_challenge(peer.conn, self.config.auth_key)
+            if peer.authenticate():
+                return True
+            raise TimeoutError
+        except Exception as exc:  # EOFError, AuthenticationError, OSError, AssertionError: any of them
+            reason = (f"no handshake within {self.config.handshake_timeout:g} s" if peer.expired
+                      else f"{type(exc).__name__}: {exc}")
+            self._log.warning("handshake timeout" if peer.expired else f"handshake {type(exc).__name__}",
+                              "EPLB scheduler: rejected the connection from %s (%s); still accepting", peer.name, reason)
+            return False
+        finally:
+            timer.cancel()
+
+    def _read_loop(self, peer: _Peer) -> None:
+        """Check and queue what ``peer`` sends until it closes, then always report it closed
+        (else its rank stays taken for good)."""
+        try:
+            while not self._stop.is_set():
+                # Back-pressure: at most MAX_QUEUED messages of this peer wait; then this
+                # thread stops reading and the kernel's buffers make the sender wait.
+                if not peer.credit.acquire(timeout=0.2):
+                    continue
+                try:
+                    self._events.put((peer, *self._parse(recv(peer.conn))))
+                except MessageTooLarge as exc:  # the stream is out of step: nothing more to read
+                    self._log.warning("too large", "EPLB scheduler: %s: %s", peer.name, exc)
+                    return
+                except ProtocolError as exc:  # not JSON, too deep, not an object: refused, the next may be fine
+                    self._events.put((peer, "invalid", ("", str(exc))))
         except (EOFError, OSError):
             pass
-        self._events.put(("closed", conn, None))
+        except Exception:  # never leave the rank taken, whatever went wrong
+            self._log.warning("bug", "EPLB scheduler: reading from %s failed; connection closed", peer.name, exc_info=True)
+        finally:
+            peer.shutdown()
+            peer.finish()  # stops the writer
+            self._events.put((peer, "closed", None))
+            with self._peers_lock:
+                self._peers.discard(peer)
+            peer.release()
 
-    # -- messages (serve_forever's thread) ---------------------------------------------
-
-    def _rank_of(self, conn: Connection) -> int | None:
-        return next((r for r, c in self._ranks.items() if c is conn), None)
-
-    def _send(self, rank: int, msg: dict[str, Any]) -> None:
-        conn = self._ranks.get(rank)
-        if conn is None:
-            return
+    def _write_loop(self, peer: _Peer) -> None:
+        """Send what the planning thread queued for ``peer``; stop at None or an error."""
         try:
-            send(conn, msg)
-        except OSError:
-            self._closed(conn)
-
-    def _refuse(self, conn: Connection, message: str, *, close: bool) -> None:
-        logger.warning("EPLB scheduler: %s", message)
-        try:
-            send(conn, {"type": "error", "message": message})
+            while (data := peer.outbox.get()) is not None:
+                peer.conn.send_bytes(data)
         except OSError:
             pass
-        if close:
-            conn.close()
+        finally:
+            peer.shutdown()  # wakes the reader, if it still reads
+            peer.release()
 
-    def _handle(self, conn: Connection, msg: dict[str, Any]) -> None:
+    # -- checking messages (reader threads) -----------------------------------------------
+
+    def _parse(self, msg: dict[str, Any]) -> tuple[str, Any]:
+        """``(type, fields)`` of a message whose every field fits this scheduler, else
+        ``("invalid", (type, what is wrong))``."""
         kind = msg["type"]
-        if kind == "hello":
-            self._hello(conn, msg)
-        elif kind == "load":
-            rank = self._rank_of(conn)
-            if rank is None or self.tables is None:
-                self._refuse(conn, "a load report before hello and init; say hello first", close=False)
-            else:
-                self._load(rank, msg)
-        else:
-            self._refuse(conn, msg.get("message") or f"unknown message type {kind!r}", close=kind == "invalid")
+        parser = self._parsers.get(kind)
+        if parser is None:  # what is queued is short: never the peer's (up to 4 MiB) type string
+            return "invalid", ("", f"unknown message type {show(kind)}")
+        try:
+            return kind, parser(msg)
+        except ProtocolError as exc:
+            return "invalid", (kind, str(exc))
 
-    def _hello(self, conn: Connection, msg: dict[str, Any]) -> None:
+    def _parse_hello(self, msg: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
         expected = {"world_size": cfg.world_size, "num_layers": cfg.block_num, "num_experts": cfg.expert_num}
         for field, want in expected.items():
-            if msg.get(field) != want:
-                return self._refuse(conn, f"hello: {field}={msg.get(field)!r}, but this scheduler serves {field}={want}", close=True)
-        rank = msg.get("rank")
-        if not isinstance(rank, int) or not 0 <= rank < cfg.world_size:
-            return self._refuse(conn, f"hello: rank={rank!r} is not in [0, {cfg.world_size})", close=True)
+            if int_field(msg, field) != want:
+                raise ProtocolError(f"{field}={show(msg[field])}, but this scheduler serves {field}={want}")
+        rank = int_field(msg, "rank", 0, cfg.world_size)
+        return {"rank": rank, "table": table_field(msg, "table", cfg.block_num, cfg.slots_per_rank, cfg.expert_num)}
+
+    def _parse_load(self, msg: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        return {"round": int_field(msg, "round", 0, 2**63), "layer": int_field(msg, "layer", 0, cfg.block_num),
+                "load": load_field(msg, "load", cfg.expert_num)}
+
+    # -- messages (serve_forever's thread) ---------------------------------------------
+
+    def _rank_of(self, peer: _Peer) -> int | None:
+        return next((r for r, p in self._ranks.items() if p is peer), None)
+
+    def _send(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        if not peer.send(msg):
+            rank = self._rank_of(peer)
+            self._log.warning("not reading", "EPLB scheduler: %s does not read its messages (%d unsent); disconnected",
+                                   peer.name if rank is None else f"rank {rank} ({peer.name})", MAX_OUTBOX)
+            peer.shutdown()
+
+    def _refuse(self, peer: _Peer, message: str, *, close: bool, about: str) -> None:
+        """Tell ``peer`` what is wrong with its ``about`` message (hello, load, other), and
+        log it (at most once a second per kind)."""
+        self._log.warning(f"refused {about}", "EPLB scheduler: %s", message)
+        self._send(peer, {"type": "error", "message": message})
+        if close:
+            peer.finish()
+
+    def _handle(self, peer: _Peer, kind: str, payload: Any) -> None:
+        if kind == "hello":
+            self._hello(peer, payload["rank"], payload["table"])
+        elif kind == "load":
+            rank = self._rank_of(peer)
+            if rank is None or self.tables is None:
+                self._refuse(peer, "a load report before hello and init; say hello first", close=False, about="load")
+            else:
+                self._load(rank, payload)
+        elif payload[0] == "hello":  # a hello that does not fit: this peer cannot take part
+            self._refuse(peer, f"hello: {payload[1]}", close=True, about="hello")
+        elif payload[0] == "load":
+            rank = self._rank_of(peer)
+            self._refuse(peer, f"load report{'' if rank is None else f' from rank {rank}'}: {payload[1]}; "
+                         "report ignored", close=False, about="load")
+        else:
+            self._refuse(peer, payload[1], close=False, about="other")
+
+    def _hello(self, peer: _Peer, rank: int, table: np.ndarray) -> None:
+        cfg = self.config
         if rank in self._ranks:
-            return self._refuse(conn, f"hello: rank {rank} is already connected", close=True)
-        try:
-            table = np.asarray(msg.get("table"), dtype=np.int64)
-        except (TypeError, ValueError):
-            table = np.empty(0)
-        if table.ndim != 2 or table.shape[0] != cfg.block_num:
-            return self._refuse(conn, f"hello: rank {rank}'s table must be [num_layers={cfg.block_num}][slots]; got shape {list(table.shape)}", close=True)
+            return self._refuse(peer, f"hello: rank {rank} is already connected", close=True, about="hello")
         if self.tables is not None:  # a rank coming back: it must still hold what the others think
             current = self.tables[:, rank, :]
             if table.shape != current.shape or np.any(table != current):
-                return self._refuse(conn, f"hello: rank {rank} reconnects with a table that differs from its current one; restart all ranks", close=True)
-            self._ranks[rank] = conn
+                return self._refuse(peer, f"hello: rank {rank} reconnects with a table that differs from its current one; restart all ranks", close=True, about="hello")
+            self._ranks[rank] = peer
             logger.info("EPLB scheduler: rank %d reconnected", rank)
-            return self._send(rank, {"type": "init", "mode": cfg.mode, "table": self.tables.tolist()})
-        self._ranks[rank] = conn
+            return self._send(peer, {"type": "init", "mode": cfg.mode, "table": self.tables.tolist()})
+        self._ranks[rank] = peer
         self._hellos[rank] = table
         if len(self._hellos) == cfg.world_size:
             self._init()
@@ -253,46 +476,45 @@ class Scheduler:
                 raise ValueError(f"ranks hold different slot counts: {sorted(shapes)}")
             table = np.stack([self._hellos[r] for r in range(cfg.world_size)], axis=1)  # [L, R, K0]
             table = validate_table(table, cfg.expert_num, name="ranks' assembled table")
-            if table.shape[2] > cfg.slots_per_rank:
-                raise ValueError(f"ranks hold {table.shape[2]} slots each, more than (expert_num + redundant) / world_size = {cfg.slots_per_rank}")
             if table.shape[2] < cfg.slots_per_rank:
                 table = expand_table(table, cfg.slots_per_rank)
         except ValueError as exc:
             for rank in list(self._ranks):
-                self._refuse(self._ranks.pop(rank), f"hello: {exc}", close=True)
+                self._refuse(self._ranks.pop(rank), f"hello: {exc}", close=True, about="hello")
             self._hellos.clear()
             return
         self.tables = table
         self._hellos.clear()
         logger.info("EPLB scheduler: all %d ranks connected; starting table [L, R, K] = %s", cfg.world_size, list(table.shape))
-        for rank in range(cfg.world_size):
-            self._send(rank, {"type": "init", "mode": cfg.mode, "table": table.tolist()})
+        self._broadcast({"type": "init", "mode": cfg.mode, "table": table.tolist()})
 
-    def _load(self, rank: int, msg: dict[str, Any]) -> None:
+    def _load(self, rank: int, report: dict[str, Any]) -> None:
         cfg = self.config
-        rnd, layer = msg.get("round"), msg.get("layer")
-        try:
-            load = np.asarray(msg.get("load"), dtype=np.float64)
-        except (TypeError, ValueError):
-            load = np.empty(0)
-        problem = None
-        if not isinstance(layer, int) or not 0 <= layer < cfg.block_num:
-            problem = f"layer={layer!r} is not in [0, {cfg.block_num})"
-        elif not isinstance(rnd, int) or rnd <= self._last_round.get((rank, layer), -1):
-            problem = f"round={rnd!r} for layer {layer} does not follow round {self._last_round.get((rank, layer), -1)}"
-        elif load.shape != (cfg.expert_num,) or not np.all(np.isfinite(load)) or np.any(load < 0):
-            problem = f"load must be {cfg.expert_num} finite non-negative numbers"
-        if problem:
-            return self._refuse(self._ranks[rank], f"load report from rank {rank}: {problem}; report ignored", close=False)
+        rnd, layer = report["round"], report["layer"]
+        last = self._last_round.get((rank, layer), -1)
+        if rnd <= last:
+            return self._refuse(self._ranks[rank], f"load report from rank {rank}: round={rnd} for layer {layer} "
+                                f"does not follow round {last}; report ignored", close=False, about="load")
         self._last_round[(rank, layer)] = rnd
         reports = self._pending.setdefault((rnd, layer), {})
-        reports[rank] = load
+        reports[rank] = report["load"]
         if len(reports) == cfg.world_size:
             del self._pending[(rnd, layer)]
             self._plan(rnd, layer, np.sum(list(reports.values()), axis=0))
+        else:
+            self._drop_stale_rounds(layer)
 
-    def _closed(self, conn: Connection) -> None:
-        rank = self._rank_of(conn)
+    def _drop_stale_rounds(self, layer: int) -> None:
+        """Keep at most MAX_PENDING_ROUNDS incomplete rounds of ``layer`` (a rank far ahead
+        of the others, or a report that was refused, must not hold memory for good)."""
+        waiting = sorted(rnd for rnd, l in self._pending if l == layer)
+        for rnd in waiting[:-MAX_PENDING_ROUNDS]:
+            reported = sorted(self._pending.pop((rnd, layer)))
+            self._log.warning("stale round", "EPLB round %d layer %d: dropped unplanned, only ranks %s reported it "
+                                   "(at most %d rounds wait per layer)", rnd, layer, reported, MAX_PENDING_ROUNDS)
+
+    def _closed(self, peer: _Peer) -> None:
+        rank = self._rank_of(peer)
         if rank is None:
             return
         del self._ranks[rank]
@@ -311,7 +533,7 @@ class Scheduler:
         old = self.tables[layer][None]  # [1, R, K]
         start = time.perf_counter()
         try:
-            result = self.policy.rebalance_experts(old.copy(), expert_to_slot_load(old, load[None]))
+            result = self.policy.plan(old.copy(), load[None])
             new = check_plan(old, result.new_table, cfg.expert_num)
             moved = int(changed_slots(old, new)[0])
             if cfg.max_move is not None and moved > cfg.max_move:
@@ -338,7 +560,7 @@ class Scheduler:
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
         for rank in sorted(self._ranks):
-            self._send(rank, msg)
+            self._send(self._ranks[rank], msg)
 
 
 def _parser() -> argparse.ArgumentParser:
