@@ -92,3 +92,20 @@ def test_a_policy_that_raises_is_reported_as_a_policy_bug(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and 'raise RuntimeError("boom from RaisingPolicy")' in err, err
     assert err.strip().endswith("policy 'raising' raised RuntimeError: boom from RaisingPolicy (a bug in the policy, not in the input)")
+
+
+@pytest.mark.parametrize("value, message", [("x", "'x' is not a number"),
+                                            ("0", "0.0 is not a positive number of seconds"),
+                                            ("inf", "inf is not a positive number of seconds")])
+def test_conformance_case_timeout_must_be_positive_seconds(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["conformance", "random", "--case-timeout", value])
+    assert exit_.value.code == 2 and f"argument --case-timeout: {message}" in capsys.readouterr().err
+
+
+def test_conformance_runs_the_policy_in_a_child_process(capsys, monkeypatch):
+    """A policy that calls os._exit(0) would end this very process with status 0."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "helpers"))
+    assert main(["conformance", "flaky_policies:OsExitZeroPolicy", "--examples", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  result_contract: the policy's process exited with code 0" in out, out

@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vllm_eplb_plugin import EplbPolicy, PlacementPolicy, PolicyResult, available_policies
 from vllm_eplb_plugin.conformance import run_conformance
+from vllm_eplb_plugin.conformance.suite import IsolatedPolicy, run_property
 from vllm_eplb_plugin.policies.optimal import OptimalPolicy
+from vllm_eplb_plugin.registry import load_policy_class
+
+HELPERS = str(Path(__file__).parent / "helpers")
 
 
 @pytest.mark.parametrize("name", sorted(available_policies()))
@@ -63,12 +69,17 @@ class IgnoresMaxMove(PlacementPolicy):
         return PolicyResult(bool(np.any(new != t)), np.arange(t.shape[0]), new)
 
 
-class NonDeterministic(PlacementPolicy):
+class NonDeterministic(EplbPolicy):
+    """Reverses the rank order on every other call (a PlacementPolicy's rank renumbering
+    would undo a mere rank rotation, so the difference is only found on some cases)."""
+
     calls = 0
 
-    def place(self, table, series, expert_load):
+    def rebalance_experts(self, current_expert_table, expert_workload):
         NonDeterministic.calls += 1
-        return table[:, np.roll(np.arange(table.shape[1]), NonDeterministic.calls)].copy()
+        t = np.asarray(current_expert_table)
+        new = t[:, ::-1].copy() if NonDeterministic.calls % 2 else t.copy()
+        return PolicyResult(bool(np.any(new != t)), np.arange(t.shape[0]), new)
 
 
 class WrongResultType(EplbPolicy):
@@ -133,3 +144,83 @@ def test_pytest_pyargs_entry(tmp_path):
                            "--eplb-policy", "example-lpt", "--eplb-examples", "20", "-q", "-p", "no:cacheprovider"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "8 passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _children_alive() -> list[int]:
+    """Pids of this process's children that have not exited (zombies count as exited)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+PROCESS_KILLERS = [
+    ("SystemExitZeroPolicy", "raised SystemExit(0) (raised at "),
+    ("SystemExitThreePolicy", "raised SystemExit(3) (raised at "),
+    ("OsExitZeroPolicy", "the policy's process exited with code 0"),
+    ("OsExitSevenPolicy", "the policy's process exited with code 7"),
+    ("SigkillPolicy", "the policy's process was killed by signal 9"),
+    ("SleepyPolicy", "no result within 1 s (case timeout); the policy's process was killed"),
+]
+
+
+@pytest.mark.parametrize("policy, message", PROCESS_KILLERS, ids=[p for p, _ in PROCESS_KILLERS])
+def test_a_policy_that_ends_or_hangs_its_process_fails_each_property_it_breaks(policy, message, monkeypatch):
+    monkeypatch.syspath_prepend(HELPERS)  # the child gets this sys.path
+    before = set(_children_alive())
+    start = time.monotonic()
+    report = run_conformance(f"flaky_policies:{policy}", examples=5, properties=["valid_table", "max_move"],
+                             case_timeout=1.0)
+    assert time.monotonic() - start < 20
+    assert [f.prop for f in report.failures] == ["valid_table", "max_move"], report.format()  # went on after the first
+    for failure in report.failures:
+        assert failure.error.startswith(message), report.format()
+        assert failure.example.startswith("example: Case(") or failure.example.startswith("minimal example: Case(")
+    assert set(_children_alive()) <= before, "a policy process outlived the run"
+
+
+@pytest.mark.parametrize("policy, message", [PROCESS_KILLERS[0], PROCESS_KILLERS[2], PROCESS_KILLERS[3],
+                                             PROCESS_KILLERS[4], PROCESS_KILLERS[5]],
+                         ids=["SystemExit(0)", "os._exit(0)", "os._exit(7)", "SIGKILL", "sleeps"])
+def test_cli_conformance_reports_a_policy_that_ends_or_hangs_its_process(policy, message):
+    proc = subprocess.run([sys.executable, "-m", "vllm_eplb_plugin.cli", "conformance", f"flaky_policies:{policy}",
+                           "--examples", "3", "--case-timeout", "1"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAIL  valid_table: {message}" in proc.stdout and f"FAIL  accepts_torch: {message}" in proc.stdout, (
+        proc.stdout + proc.stderr)
+    assert proc.stdout.rstrip().endswith(("0 passed, 8 failed", "1 passed, 7 failed")), proc.stdout  # max_move may
+    # draw no bound in 3 cases, and then calls nothing
+
+
+def test_a_policy_the_child_cannot_load_is_reported(monkeypatch):
+    monkeypatch.syspath_prepend(HELPERS)
+    monkeypatch.setenv("EPLB_TEST_PARENT_PID", str(os.getpid()))
+    report = run_conformance("flaky_policies:ParentOnlyPolicy", examples=3, properties=["valid_table"])
+    assert report.failures[0].error.startswith("the policy could not be loaded in its process: "), report.format()
+    assert "has no attribute 'ParentOnlyPolicy'" in report.failures[0].error
+
+
+def test_a_child_that_does_not_start_in_time_is_reported():
+    isolated = IsolatedPolicy("random", case_timeout=5.0, startup_timeout=0.01)  # no interpreter starts in 10 ms
+    try:
+        failure = run_property(load_policy_class("random"), "valid_table", examples=2, isolated=isolated)
+    finally:
+        isolated.close()
+    assert failure.error == "the policy's process was not ready within 0.01 s"
+
+
+def test_a_class_a_child_cannot_load_by_name_is_refused_unless_in_process():
+    class Local(DuplicatesExperts):
+        pass
+
+    with pytest.raises(TypeError, match="cannot be loaded by name in a child process; define the policy at module "
+                                        "level, or pass isolate=False"):
+        run_conformance(Local, examples=2)
+    assert not run_conformance(Local, examples=20, isolate=False, properties=["valid_table"]).ok

@@ -140,3 +140,33 @@ def test_a_record_that_cannot_be_written_never_stops_the_loop(tmp_path):
     out = run_gloo(_run_loop, 3, args=({"policy": "deepseek"}, None, str(fifo), 2000, True))
     assert [rank["plans"] for rank in out] == [1, 1, 1] and out[0]["status"] == "adopt", out[0]["message"]
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def _run_until_adopted(rank: int, world: int, eplb: dict, marker: str, max_steps: int) -> dict:
+    os.environ["EPLB_TEST_MARKER"] = marker  # read by the policy in the planner child
+    config = EplbConfig(expert_heat_collection_interval=INTERVAL, **eplb)
+    counter = HeatCounter(L, E, ROWS, TOP_K, traced=False)
+    observer = _Observer()
+    loop = PlanningLoop(config, default_table(L, world, K, E), counter, None, observer=observer)
+    try:
+        while loop.steps < max_steps and loop.plans == 0:  # plans is broadcast: ranks stop together
+            ids = _routing(loop.steps, rank, None)
+            counter.begin_step(ROWS)
+            for layer in range(L):
+                counter.count(layer, ids)
+            counter.end_step()
+            loop.step()
+            time.sleep(0.01)
+    finally:
+        loop.close()
+    return {"plans": loop.plans, "steps": loop.steps, "failures": observer.failures}
+
+
+def test_a_restarted_planner_child_catches_up_with_short_intervals(tmp_path):
+    # The policy takes 0.8 s to build and hangs on its first call: that plan fails after 3
+    # steps (~30 ms) and the child is killed. Its replacement needs 0.8 s before it can
+    # plan; were that counted against the 3-step interval, every later plan would fail too.
+    eplb = {"policy": "flaky_policies:SlowStartHangOncePolicy", "algorithm_execution_interval": 3}
+    out = run_gloo(_run_until_adopted, 3, args=(eplb, str(tmp_path / "marker"), 1500))
+    assert [rank["plans"] for rank in out] == [1, 1, 1]
+    assert out[0]["failures"] == 1 and out[0]["steps"] < 1500

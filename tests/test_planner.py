@@ -1,5 +1,6 @@
 """The planning child process: real subprocess, real policies, misbehaving ones too."""
 
+import os
 import re
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from vllm_eplb_plugin.config import EplbConfig
 from vllm_eplb_plugin.placement import default_table, validate_table
 from vllm_eplb_plugin.metrics import balancedness
-from vllm_eplb_plugin.planner import Planner, PlanStatus, review_plan
+from vllm_eplb_plugin.planner import Planner, PlanStatus, PolicyChild, review_plan
 from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy
 from vllm_eplb_plugin.placement import expert_to_slot_load
 
@@ -90,29 +91,195 @@ def test_failures_are_outcomes_with_reasons(policy, reason):
         planner.close()
 
 
-def test_timeout_kills_the_child_and_the_next_request_gets_a_fresh_one():
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    """The process has exited (gone, or a zombie its new parent has not reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _assert_next_plan_works(planner: Planner, table, heat):
+    planner.submit(table, heat)
+    outcome = planner.wait()
+    assert outcome.status is PlanStatus.ADOPT, outcome.message
+
+
+def test_timeout_kills_the_child_and_a_fresh_one_plans_the_next_request():
     table, heat = _case()
     planner = Planner(EplbConfig(policy="flaky_policies:SleepyPolicy", plan_timeout_s=1.0))
     try:
         planner.submit(table, heat)
+        old = planner._child.pid
         outcome = planner.wait()
-        assert outcome.status is PlanStatus.FAILED and "timed out after 1 s (plan_timeout_s)" in outcome.message
-        assert planner._proc is None
+        assert outcome.status is PlanStatus.FAILED
+        assert outcome.message == "policy timed out after 1 s (plan_timeout_s); the child was restarted"
+        assert _gone(old) and planner._child.pid != old  # restarted at once, not at the next request
     finally:
         planner.close()
 
 
-def test_child_dying_mid_plan_is_reported_and_replaced():
+@pytest.mark.parametrize("signum, message", [(9, "planner child was killed by signal 9"),
+                                             (15, "planner child was killed by signal 15")])
+def test_child_dying_mid_plan_is_reported_and_replaced(signum, message):
     table, heat = _case()
     planner = Planner(EplbConfig(policy="flaky_policies:SleepyPolicy"))
     try:
         planner.submit(table, heat)
-        planner._proc.kill()
+        old = planner._child.pid
+        os.kill(old, signum)
         outcome = _wait(planner)
-        assert outcome.status is PlanStatus.FAILED and "exited with code -9" in outcome.message
-        assert planner._proc is None
+        assert outcome.status is PlanStatus.FAILED and outcome.message == message + "; the child was restarted"
+        assert _gone(old) and planner._child.pid != old
     finally:
         planner.close()
+
+
+def test_a_result_the_parent_cannot_unpickle_is_reported_as_such_and_the_child_serves_on():
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:UnloadableResultPolicy", plan_timeout_s=5.0))
+    try:
+        planner.submit(table, heat)
+        pid = planner._child.pid
+        outcome = planner.wait()
+        assert outcome.status is PlanStatus.FAILED, outcome.message
+        assert outcome.message == ("policy result could not be unpickled: RuntimeError: "
+                                   "this object cannot be rebuilt outside the planner child")
+        planner.submit(table, heat)  # the reader thread lives on: the same child answers again
+        assert "could not be unpickled" in planner.wait().message and planner._child.pid == pid
+    finally:
+        planner.close()
+
+
+def test_a_result_the_child_cannot_pickle_is_reported_as_such():
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:UnsendableResultPolicy", plan_timeout_s=5.0))
+    try:
+        planner.submit(table, heat)
+        outcome = planner.wait()
+        assert outcome.status is PlanStatus.FAILED
+        assert outcome.message.startswith("policy result could not be pickled: "), outcome.message
+        assert "lambda" in outcome.message
+    finally:
+        planner.close()
+
+
+def test_a_policy_that_forks_and_exits_is_an_exit_and_its_grandchild_is_killed(tmp_path, monkeypatch):
+    pid_file = tmp_path / "grandchild.pid"
+    monkeypatch.setenv("EPLB_TEST_PID_FILE", str(pid_file))
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:ForkingPolicy", plan_timeout_s=20.0))
+    try:
+        planner.submit(table, heat)
+        child = planner._child.pid
+        start = time.monotonic()
+        outcome = planner.wait()
+        assert time.monotonic() - start < 5.0  # seen as an exit, not waited out as a timeout
+        assert outcome.status is PlanStatus.FAILED
+        assert outcome.message == "planner child exited with code 0; the child was restarted"
+        grandchild = int(pid_file.read_text())
+        assert _gone(child) and _gone(grandchild), "the policy's grandchild outlived the planner child"
+    finally:
+        planner.close()
+
+
+def test_a_child_that_closes_its_result_pipe_and_hangs_is_reported_and_killed():
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:ClosesItsPipesPolicy", plan_timeout_s=30.0))
+    try:
+        planner.submit(table, heat)
+        old = planner._child.pid
+        outcome = planner.wait()
+        assert outcome.message == "planner child closed its result pipe; the child was restarted"
+        assert _gone(old)
+    finally:
+        planner.close()
+
+
+def test_close_kills_what_the_policy_forked(tmp_path, monkeypatch):
+    pid_file = tmp_path / "grandchild.pid"
+    monkeypatch.setenv("EPLB_TEST_PID_FILE", str(pid_file))
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:ForkingHangingPolicy"))
+    planner.submit(table, heat)
+    child = planner._child.pid
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert planner.poll() is None  # the policy is still at it
+    planner.close()
+    assert _gone(child) and _gone(int(pid_file.read_text())) and planner._child is None
+
+
+def test_a_policy_that_cannot_be_built_is_reported_and_the_next_plan_tries_again(monkeypatch):
+    monkeypatch.setenv("EPLB_TEST_PARENT_PID", str(os.getpid()))
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:ChildBrokenInitPolicy"))
+    try:
+        for _ in range(2):
+            planner.submit(table, heat)
+            outcome = planner.wait()
+            assert outcome.status is PlanStatus.FAILED
+            assert outcome.message.startswith("planner child could not build the policy: Traceback")
+            assert outcome.summary.startswith("planner child could not build the policy: ")
+            assert "RuntimeError: no GPU for this policy in the child" in outcome.summary.splitlines()[0]
+    finally:
+        planner.close()
+
+
+def test_start_up_is_bounded_on_its_own_and_reported_as_such():
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:SlowStartHangOncePolicy", plan_timeout_s=5.0))
+    planner.startup_timeout_s = 0.3  # the policy takes 0.8 s to build
+    try:
+        planner.submit(table, heat)
+        old = planner._child.pid
+        outcome = planner.wait()
+        assert outcome.status is PlanStatus.FAILED and _gone(old)
+        assert outcome.message == ("planner child not ready within 0.3 s (imports and policy set-up); "
+                                   "the child was restarted")
+    finally:
+        planner.close()
+
+
+def test_after_a_kill_the_next_plan_works_even_when_start_up_exceeds_plan_timeout_s(tmp_path, monkeypatch):
+    """The restart cost (imports + a policy that takes 0.8 s to build) is longer than
+    plan_timeout_s. Charged to the next request, every later plan would time out and
+    kill the child that was still starting: the planner never catches up."""
+    monkeypatch.setenv("EPLB_TEST_MARKER", str(tmp_path / "hung-once"))
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="flaky_policies:SlowStartHangOncePolicy", plan_timeout_s=0.5))
+    try:
+        planner.submit(table, heat)  # the first call ever hangs: killed after 0.5 s
+        assert "timed out after 0.5 s" in planner.wait().message
+        assert not planner.ready  # the fresh child is still starting (0.8 s > 0.5 s)
+        for _ in range(3):  # submitted at once: its deadline runs from when the child is ready
+            _assert_next_plan_works(planner, table, heat)
+        assert planner.ready
+    finally:
+        planner.close()
+
+
+def test_replies_to_other_requests_are_not_taken_for_this_one():
+    table, heat = _case()
+    child = PolicyChild(_echo_handler, ())
+    try:
+        child.send(1, "stale")
+        answer = child.call(2, "fresh", 10.0)
+        assert answer.value == "fresh"
+    finally:
+        child.kill()
+    assert _gone(child.pid)
+
+
+def _echo_handler():
+    return lambda payload: payload
 
 
 def test_a_plan_that_improves_nothing_is_a_keep_with_the_current_table():
@@ -144,3 +311,25 @@ def test_review_refuses_layers_that_move_an_expert_within_a_rank():
     np.testing.assert_array_equal(table[1], old[1])  # rank 1 keeps expert 1 but moves it to slot 1
     assert layers == (0,)
     assert note.startswith("layers [1] kept: the plan moves an expert between slots of a rank that keeps it")
+
+
+def test_a_step_counting_caller_that_counts_while_ready_gets_the_next_plan_after_a_restart():
+    """The loop's case: steps of a few ms, plans due within 8 steps. A restarted child
+    needs ~0.3 s to import and build the policy; a caller that counts those steps against
+    the plan kills the starting child every time and never gets a plan again. Counting only
+    while ``planner.ready``, the first plan after the restart is taken."""
+    table, heat = _case()
+    planner = Planner(EplbConfig(policy="deepseek"))
+    try:
+        planner.warm()
+        planner.close()  # the kill after a plan that missed its interval, and the loop's warm()
+        planner.warm()
+        planner.submit(table, heat)
+        steps = 0
+        while (outcome := planner.poll()) is None:
+            time.sleep(0.003)
+            steps = steps + 1 if planner.ready else 0
+            assert steps < 100, "no plan within 100 steps of a ready child"  # ~10 ms of work; slack for load
+        assert outcome.status is PlanStatus.ADOPT, outcome.message
+    finally:
+        planner.close()

@@ -17,7 +17,6 @@ from .placement import (
     InvalidExpertTable,
     changed_slots,
     default_table,
-    expert_to_slot_load,
     load_expert_map,
     logcnt,
     num_experts_of,
@@ -111,15 +110,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
     else:
         current = default_table(L, args.ranks, K, E)
-    # Heat is per expert; policies read per-slot load, so spread it over current replicas.
-    workload = expert_to_slot_load(current, heat)
     config = PolicyConfig(num_nodes=args.nodes, num_groups=args.groups, max_move=args.max_move)
     cls = load_policy_class(_policy_arg(args.policy))
     label = cls.name or cls.__name__
     start = time.perf_counter()
     try:  # inputs are checked: from here on, an exception is the policy's
         policy = cls(config)
-        result = policy.rebalance_experts(current, workload)
+        result = policy.plan(current, heat)  # heat per expert, [L, E] or [T, L, E]
     except Exception as exc:  # noqa: BLE001 - reported with its traceback
         raise PolicyFailed(f"policy {label!r} raised {type(exc).__name__}: {exc}") from exc
     elapsed = time.perf_counter() - start
@@ -202,7 +199,10 @@ def cmd_policies(args: argparse.Namespace) -> int:
 def cmd_conformance(args: argparse.Namespace) -> int:
     from .conformance import run_conformance
 
-    report = run_conformance(_policy_arg(args.policy), examples=args.examples, time_budget=args.time_budget)
+    # Always in a child process: a policy that exits, is killed or hangs fails a property
+    # with a report, instead of ending this command with its own exit code.
+    report = run_conformance(_policy_arg(args.policy), examples=args.examples, time_budget=args.time_budget,
+                             case_timeout=args.case_timeout)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -230,6 +230,17 @@ def _count(minimum: int):
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="registered name or package.module:Class")
     p.add_argument("--examples", type=int, default=100, help="generated cases per property (default 100)")
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds allowed per call (default 2)")
+    p.add_argument("--case-timeout", type=_seconds, default=None,
+                   help="seconds one case may take before the policy's process is killed "
+                        "(default 3 x time budget + 10)")
     p.set_defaults(func=cmd_conformance)
     return parser
 

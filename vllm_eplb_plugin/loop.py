@@ -153,6 +153,11 @@ class PlanningLoop:
         ``algorithm_execution_interval`` steps have passed without one; else None."""
         assert self.planner is not None and self.pending_steps is not None
         outcome = self.planner.poll()
+        if outcome is None and not self.planner.ready:
+            # A (re)starting child (0.3-0.6 s of imports) is bounded by the planner's own
+            # start-up limit: counting it against a short interval would kill every new
+            # child before it is ready, and no plan would ever get through.
+            self.pending_steps = 0
         if outcome is None and self.pending_steps >= self.config.algorithm_execution_interval:
             self.planner.close()  # a policy this slow may be stuck: kill it,
             self.planner.warm()  # and have a fresh child ready for the next interval

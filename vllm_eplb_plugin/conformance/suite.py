@@ -2,7 +2,10 @@
 
 ``run_conformance(policy)`` runs every property over generated cases and returns a
 ``Report`` whose ``format()`` lists each failing property with hypothesis' minimal
-(shrunk) example. Cases cover: one layer, one slot per rank, no redundant slots, one
+(shrunk) example. The policy runs in one long-lived child process
+(:class:`~vllm_eplb_plugin.planner.PolicyChild`, restarted only after it dies), with a
+deadline per case: a policy that exits, is killed, raises ``SystemExit`` or hangs fails
+the property that made it do so, and the run goes on with the next property. Cases cover: one layer, one slot per rank, no redundant slots, one
 rank, all-zero load, ties, one expert taking all load, huge loads, loads whose sum
 overflows float64, per-step series ``[T, L, R, K]``, shuffled starting tables, tables as
 engines hand them over (an expert twice on a rank, -1 padding) and ``max_move`` bounds.
@@ -11,6 +14,7 @@ engines hand them over (an expert twice on a rank, -1 padding) and ``max_move`` 
 from __future__ import annotations
 
 import copy
+import pickle
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..moves import moved_within_rank, repair_table
+from ..planner import ChildFailure, Fault, PolicyChild
 from ..placement import InvalidExpertTable, changed_slots, default_table, num_experts_of, validate_table
 from ..policy import EplbPolicy, PolicyConfig, PolicyResult
 from ..registry import load_policy_class
@@ -264,10 +269,116 @@ def _policy_class(policy: Any) -> tuple[type[EplbPolicy], str]:
     return load_policy_class(policy), str(policy)
 
 
+def check_case(cls: type[EplbPolicy], name: str, case: Case, budget: float) -> str | None:
+    """Property ``name`` on one case: None if it holds, else what went wrong. A policy
+    that raises (``SystemExit`` too) is a failure of the property, not of the run."""
+    try:
+        PROPERTIES[name](cls, case, budget)
+    except AssertionError as exc:
+        return str(exc)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the policy's bug, reported
+        frames = traceback.extract_tb(exc.__traceback__)
+        what = f"raised SystemExit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        return f"{what} (raised at {frames[-1].filename}:{frames[-1].lineno})"
+    return None
+
+
+_IMPORTS = {"accepts_torch": "torch"}
+"""Modules a property imports on its first case; imported before it, off the case deadline
+(torch takes seconds)."""
+
+
+def _prepare(name: str) -> None:
+    try:
+        __import__(_IMPORTS[name])
+    except (KeyError, ImportError):  # nothing to import, or the property skips without it
+        pass
+
+
+def _case_handler(policy: Any) -> Callable[[tuple], str | None]:
+    """In the policy's child process: load the class once. A request is ``(property, case,
+    budget)``, or ``(property,)`` to prepare for a property."""
+    cls, _label = _policy_class(policy)
+    return lambda request: check_case(cls, *request) if len(request) > 1 else _prepare(*request)
+
+
+class _ProcessFailed(BaseException):
+    """The policy's process died or hung on a case. A BaseException, so that hypothesis
+    stops at once instead of shrinking (each try would cost a restart or a deadline)."""
+
+
+class IsolatedPolicy:
+    """Checks cases in one long-lived child process; starts a fresh one only after a case
+    killed (or hung) the last one.
+
+    ``policy``: a name, ``"module:Class"`` or a class importable by its module and name;
+    ``case_timeout``: seconds one case (up to three policy calls) may take.
+    """
+
+    def __init__(self, policy: Any, case_timeout: float, startup_timeout: float = 60.0) -> None:
+        if isinstance(policy, type):
+            _importable(policy)
+        self.policy, self.case_timeout, self.startup_timeout = policy, case_timeout, startup_timeout
+        self._child: PolicyChild | None = None
+        self._prepared: set[str] = set()  # properties the child has imported for
+        self._seq = 0
+
+    def check(self, name: str, case: Case, budget: float) -> str | None:
+        """Like :func:`check_case`; raises ``_ProcessFailed`` when the process died or hung."""
+        if self._child is None:
+            self._child = PolicyChild(_case_handler, (self.policy,), self.startup_timeout)
+            self._prepared = set()
+        if name not in self._prepared:
+            self._prepared.add(name)
+            self._answer(self._call((name,), self.startup_timeout))
+        return self._answer(self._call((name, case, budget), self.case_timeout))
+
+    def _call(self, request: tuple, timeout: float) -> Any:
+        self._seq += 1
+        assert self._child is not None
+        return self._child.call(self._seq, request, timeout)
+
+    def _answer(self, answer: Any) -> str | None:
+        if not isinstance(answer, ChildFailure):
+            return answer.value
+        if answer.fault in (Fault.RAISED, Fault.UNPICKLABLE, Fault.UNREADABLE):  # the child lives on
+            return answer.message.strip().splitlines()[-1]
+        self._child = None  # killed, with its process group
+        raise _ProcessFailed(self._describe(answer))
+
+    def _describe(self, failure: ChildFailure) -> str:
+        if failure.fault is Fault.HUNG:
+            return f"no result within {self.case_timeout:g} s (case timeout); the policy's process was killed"
+        if failure.fault is Fault.SETUP:
+            return f"the policy could not be loaded in its process: {failure.message.strip().splitlines()[-1]}"
+        if failure.fault is Fault.NOT_READY:
+            return f"the policy's process was {failure.message}"
+        return f"the policy's process {failure.message}"  # exited with code N, was killed by signal N
+
+    def close(self) -> None:
+        if self._child is not None:
+            self._child.kill()
+            self._child = None
+
+
+def _importable(cls: type) -> None:
+    """A class the child can load: pickled by reference, it must be found by its name."""
+    try:
+        same = pickle.loads(pickle.dumps(cls)) is cls
+    except Exception:  # noqa: BLE001 - a local class, or a module that cannot be found
+        same = False
+    if not same:
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__} cannot be loaded by name in a child process; "
+                        "define the policy at module level, or pass isolate=False to run it in this process")
+
+
 def run_property(cls: type[EplbPolicy], name: str, examples: int = 100, time_budget: float = 2.0,
-                 strategy: st.SearchStrategy | None = None) -> Failure | None:
-    """Run one property over ``examples`` cases; a ``Failure`` with the shrunk case, or None."""
-    prop = PROPERTIES[name]
+                 strategy: st.SearchStrategy | None = None, isolated: IsolatedPolicy | None = None) -> Failure | None:
+    """Run one property over ``examples`` cases; a ``Failure`` with the shrunk case, or None.
+
+    In this process unless ``isolated`` is given (the pytest plugin's mode: a policy that
+    calls ``os._exit`` ends the run)."""
+    prop_check = isolated.check if isolated is not None else lambda n, c, b: check_case(cls, n, c, b)
     seen: list[Case] = []
 
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=False,
@@ -275,28 +386,40 @@ def run_property(cls: type[EplbPolicy], name: str, examples: int = 100, time_bud
     @given(case=strategy if strategy is not None else cases())
     def check(case: Case) -> None:
         seen.append(copy.deepcopy(case))  # a policy under test may mutate `case`
-        prop(cls, case, time_budget)
+        error = prop_check(name, case, time_budget)
+        if error is not None:
+            raise AssertionError(error)
 
     try:
         check()
-    except Exception as exc:  # the property failed or the policy raised: report, don't crash
-        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, AssertionError) else str(exc)
-        if not isinstance(exc, AssertionError):
-            frames = traceback.extract_tb(exc.__traceback__)
-            error += f" (raised at {frames[-1].filename}:{frames[-1].lineno})"
+    except _ProcessFailed as exc:  # on the case that did it; not shrunk
+        return Failure(name, str(exc), f"example: {seen[-1]!r}" if seen else "no example")
+    except Exception as exc:  # the property failed, or hypothesis itself: report, don't crash
+        error = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
         return Failure(name, error, f"minimal example: {seen[-1]!r}" if seen else "no example")
     return None
 
 
 def run_conformance(policy: Any, examples: int = 100, time_budget: float = 2.0,
-                    properties: list[str] | None = None) -> Report:
-    """Check ``policy`` (a name, ``"module:Class"`` or an ``EplbPolicy`` subclass)."""
+                    properties: list[str] | None = None, isolate: bool = True,
+                    case_timeout: float | None = None) -> Report:
+    """Check ``policy`` (a name, ``"module:Class"`` or an ``EplbPolicy`` subclass).
+
+    ``isolate`` runs it in a child process (see :class:`IsolatedPolicy`); a case gets
+    ``case_timeout`` seconds there (default: three calls' ``time_budget`` plus 10 s for
+    imports such as torch's)."""
     cls, label = _policy_class(policy)
+    timeout = case_timeout if case_timeout is not None else 3 * time_budget + 10.0
+    isolated = IsolatedPolicy(policy, timeout) if isolate else None
     report = Report(label, examples)
-    for name in properties or list(PROPERTIES):
-        failure = run_property(cls, name, examples, time_budget)
-        if failure is None:
-            report.passed.append(name)
-        else:
-            report.failures.append(failure)
+    try:
+        for name in properties or list(PROPERTIES):
+            failure = run_property(cls, name, examples, time_budget, isolated=isolated)
+            if failure is None:
+                report.passed.append(name)
+            else:
+                report.failures.append(failure)
+    finally:
+        if isolated is not None:
+            isolated.close()
     return report
