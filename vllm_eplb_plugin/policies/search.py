@@ -9,6 +9,8 @@ with ``c`` replicas carries ``mean / c`` and ``var / c**2``. A rank's cost is
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import numpy as np
@@ -53,14 +55,15 @@ def rank_cost(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
 
 def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
            min_gain: np.ndarray | float = 0.0, max_steps: int | None = None,
-           partners: int | None = None) -> np.ndarray:
+           partners: int | None = None, good_enough: np.ndarray | float = 0.0) -> np.ndarray:
     """Swap local search: while it helps, swap one replica of the costliest rank with one
     replica of another rank, choosing the swap that leaves the pair's larger cost lowest
     (only the ``partners`` least costly ranks are tried when given: faster, a little less
     thorough).
 
     A swap is taken only if it lowers the costliest rank's cost by more than ``min_gain``
-    (``[L]`` or scalar, absolute), so a caller that pays for moves can skip marginal ones.
+    (``[L]`` or scalar, absolute), and a layer stops once its peak is ``<= good_enough``
+    (``[L]`` or scalar), so a caller that pays for moves can skip marginal ones.
     Replica counts never change; the result is valid if ``table`` is. All layers advance
     together, one swap per layer per step. (Moves that change replica counts were tried
     too: on the benchmark shapes they never lowered a converged peak and cost 3-5x time.)
@@ -76,6 +79,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     holds = np.zeros((L, R, E), dtype=bool)
     holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
+    stop_at = np.broadcast_to(np.asarray(good_enough, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
     cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
     active = np.arange(L) if R > 1 else np.arange(0)
@@ -102,7 +106,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         bad = bad | holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # and vice versa
         peak = np.where(bad, np.inf, peak).reshape(n, -1)
         best = peak.argmin(axis=1)
-        take = cost[rows, i] - peak[rows, best] > gain_floor[a]
+        take = (cost[rows, i] - peak[rows, best] > gain_floor[a]) & (cost[rows, i] > stop_at[a])
         k, jj, kj = np.unravel_index(best[take], (K, J, K))
         _swap(t, item_m, item_v, rank_m, rank_v, holds, a[take], i[take], k, j[take, jj], kj)
         active = a[take]
@@ -447,17 +451,26 @@ COUNT_SPACE = 4096
 """Largest number of replica-count vectors :func:`every_count_table` tries per layer."""
 
 
+def count_space(num_experts: int, num_slots: int) -> int:
+    """How many ways ``S - E`` redundant slots split over ``E`` experts (``C(E + x - 1, x)``;
+    the cap of ``R`` replicas per expert only removes some)."""
+    extra = num_slots - num_experts
+    return math.comb(num_experts + extra - 1, extra)
+
+
+@functools.lru_cache(maxsize=16)
 def count_vectors(num_experts: int, num_ranks: int, num_slots: int) -> np.ndarray | None:
     """Every replica-count vector ``[N, E]`` (each count in ``[1, R]``, sum ``S``), or None
-    when there are more than ``COUNT_SPACE`` (``C(E + x - 1, x)`` for ``x = S - E``
-    redundant slots, before the cap of ``R`` per expert)."""
-    extra = num_slots - num_experts
-    if math.comb(num_experts + extra - 1, extra) > COUNT_SPACE:
+    when :func:`count_space` exceeds ``COUNT_SPACE``. Cached (read-only): engines ask for
+    the same shape on every plan."""
+    if count_space(num_experts, num_slots) > COUNT_SPACE:
         return None
-    vectors = np.ones((1, num_experts), dtype=np.int64)
-    for _ in range(extra):  # add one replica at a time, keep each multiset once
-        grown = (vectors[:, None, :] + np.eye(num_experts, dtype=np.int64)[None]).reshape(-1, num_experts)
-        vectors = np.unique(grown[(grown <= num_ranks).all(axis=1)], axis=0)
+    extra = np.array(list(itertools.combinations_with_replacement(range(num_experts), num_slots - num_experts)),
+                     dtype=np.int64).reshape(count_space(num_experts, num_slots), -1)  # [N, x]: who gets each extra
+    vectors = np.ones((len(extra), num_experts), dtype=np.int64)
+    np.add.at(vectors, (np.arange(len(extra))[:, None], extra), 1)
+    vectors = vectors[(vectors <= num_ranks).all(axis=1)]
+    vectors.flags.writeable = False
     return vectors
 
 

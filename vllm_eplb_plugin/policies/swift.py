@@ -4,8 +4,11 @@ cannot get close to it.
 
 Repair: replica counts move to the min-max counts, each changed replica costing one slot
 (``recount``); then swaps between the costliest rank and any other, each taken only if it
-lowers that rank's load by more than ``min_gain`` of the mean rank load. The fresh
-placement is the ``optimal`` policy's, with ranks renumbered to keep experts in place.
+lowers that rank's load by more than ``min_gain`` of the mean rank load, until the peak is
+within ``target`` of the lower bound (each swap moves two slots, so stopping there rather
+than at the last gain saves moves: suite steady moves 0.20 -> 0.17 at fit 0.99). The
+fresh placement is the ``optimal`` policy's (counts searched too where every count vector
+can be tried), with ranks renumbered to keep experts in place.
 Per layer, repair wins unless its peak is more than ``slack`` above the fresh one; this is
 what lets the policy converge from any start (a linear start needs the fresh placement
 once, every later update is a repair). The fresh placement is only computed for layers
@@ -18,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..policy import Option, PlacementPolicy
-from .search import count_vectors, fresh_table, rank_cost, recount, refine, replica_counts
+from .search import COUNT_SPACE, count_space, fresh_table, rank_cost, recount, refine, replica_counts
 
 __all__ = ["SwiftPolicy"]
 
@@ -29,7 +32,9 @@ class SwiftPolicy(PlacementPolicy):
     name = "swift"
     PARTNERS = 8  # swap partners tried per step: the 8 least loaded ranks (speed; see search.refine)
     OPTIONS = {
-        "min_gain": Option(0.005, "A swap must lower the hottest rank's load by more than this fraction of the "
+        "target": Option(0.008, "Repair stops swapping once the peak rank load is within this fraction above the "
+                                "lower bound.", 0.0, 10.0),
+        "min_gain": Option(0.001, "A swap must lower the hottest rank's load by more than this fraction of the "
                                   "mean rank load.", 0.0, 1.0),
         "slack": Option(0.01, "Repair is kept while its peak is within this fraction of a fresh placement's.",
                         0.0, 10.0),
@@ -41,14 +46,14 @@ class SwiftPolicy(PlacementPolicy):
         counts = replica_counts(expert_load, R, R * K)
         mean_rank = expert_load.sum(axis=1) / R
         bound = np.maximum(mean_rank, (expert_load / counts).max(axis=1))  # search.lower_bound, counts reused
-        target = refine(recount(table, counts, expert_load), expert_load,
-                        min_gain=self.options["min_gain"] * mean_rank, partners=self.PARTNERS)
+        target = refine(recount(table, counts, expert_load), expert_load, partners=self.PARTNERS,
+                        min_gain=self.options["min_gain"] * mean_rank, good_enough=(1 + self.options["target"]) * bound)
         peak = rank_cost(target, expert_load).max(axis=1)
         far = np.flatnonzero(peak > slack * bound)
         if far.size:
             # Where every replica-count vector can be tried (few experts), the fresh
             # placement searches counts too: cheap there, and min-max counts pack badly.
-            small = count_vectors(expert_load.shape[1], R, R * K) is not None
+            small = count_space(expert_load.shape[1], R * K) <= COUNT_SPACE
             fresh = fresh_table(table[far], expert_load[far], search_counts=small)
             use = peak[far] > slack * rank_cost(fresh, expert_load[far]).max(axis=1)
             target[far[use]] = fresh[use]
