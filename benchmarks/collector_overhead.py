@@ -31,7 +31,6 @@ import torch
 from vllm_eplb_plugin.engine.demo import VllmServer, build_tiny_moe, complete
 from vllm_eplb_plugin.heat import HeatCounter
 
-
 # Loaded into every process of the "on" server through PYTHONPATH. Wraps the plugin's
 # per-step entry points with timers and writes each worker's per-step times every 50 steps.
 _TIMING_SITECUSTOMIZE = """
@@ -135,7 +134,8 @@ def main() -> None:
         samples: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.rounds):
             for plugin in ((False, True) if r % 2 == 0 else (True, False)):  # ABBA: order effects cancel
-                got = engine_ms_per_token(model, work, plugin=plugin, repeats=args.repeats, tokens=args.tokens, port=args.port)
+                got = engine_ms_per_token(model, work, plugin=plugin, repeats=args.repeats, tokens=args.tokens,
+                                          port=args.port)
                 samples[plugin] += got
                 print(f"round {r + 1}/{args.rounds} plugin {'on ' if plugin else 'off'}: "
                       f"{statistics.median(got):.3f} ms/token (min {min(got):.3f})", flush=True)
@@ -148,7 +148,9 @@ def main() -> None:
         "engine_ms_per_token_off": round(off, 3),
         "engine_ms_per_token_on": round(on, 3),
         "engine_overhead_ratio": round(on / off - 1, 4),
-        "engine_samples_ms_per_token": {"off": [round(v, 3) for v in samples[False]], "on": [round(v, 3) for v in samples[True]]},
+        "engine_samples_ms_per_token": {
+            "off": [round(v, 3) for v in samples[False]], "on": [round(v, 3) for v in samples[True]],
+        },
         "engine_self_timed": {k: round(v, 5) for k, v in timed.items()},
         "collector_us_per_step_tiny": round(tiny, 1),
         "collector_us_per_step_v3_shape": round(micro, 1),

@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     for topo, (groups, nodes) in {"hierarchical (8 groups, 4 nodes)": (8, 4), "global (1 node)": (1, 1)}.items():
         ours = create_policy("deepseek", PolicyConfig(num_groups=groups, num_nodes=nodes))
         runs = {
-            "vllm-eplb-plugin deepseek": lambda: ours.rebalance_experts(table, workload).new_table,
-            "vLLM DefaultEplbPolicy": lambda: vllm_policy.rebalance_experts(
+            "vllm-eplb-plugin deepseek": lambda ours=ours: ours.rebalance_experts(table, workload).new_table,
+            "vLLM DefaultEplbPolicy": lambda groups=groups, nodes=nodes: vllm_policy.rebalance_experts(
                 torch.from_numpy(heat), S, groups, nodes, R).numpy().reshape(L, R, K),
-            "DeepSeek reference (torch)": lambda: reference(
+            "DeepSeek reference (torch)": lambda groups=groups, nodes=nodes: reference(
                 torch.from_numpy(heat), S, groups, nodes, R)[0].numpy().reshape(L, R, K),
         }
         results = {name: timed(fn, args.repeat) for name, fn in runs.items()}
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"DeepSeek-V3 shape: {L} layers, {E} experts, EP{R}, {S} slots; median of {args.repeat} calls, "
           f"1 thread; start imbalance {imbalance(table, heat).mean():.3f}")
-    print(f"{'topology':<34} {'implementation':<28} {'ms/call':>9} {'imbalance':>10} {'same placement':>15} {'dup ranks':>10}")
+    print(f"{'topology':<34} {'implementation':<28} {'ms/call':>9} {'imbalance':>10} "
+          f"{'same placement':>15} {'dup ranks':>10}")
     for r in rows:
         print(f"{r['topology']:<34} {r['implementation']:<28} {r['ms_per_call']:>9.2f} "
               f"{r['mean_imbalance']:>10.4f} {str(r['same_rank_sets_as_ours']):>15} {r['ranks_with_duplicates']:>10}")

@@ -20,7 +20,9 @@ def vllm_ascend_sdist() -> str:
     path = os.environ.get("VLLM_ASCEND_SDIST") or next(
         iter(sorted(glob.glob(os.path.join(ROOT, ".cache", "peers", "vllm_ascend-*.tar.gz")), reverse=True)), "")
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError("vLLM Ascend's source tarball is missing: run `bash .ci/setup` or set VLLM_ASCEND_SDIST")
+        raise FileNotFoundError(
+            "vLLM Ascend's source tarball is missing: run `bash .ci/setup` or set VLLM_ASCEND_SDIST"
+        )
     return path
 
 

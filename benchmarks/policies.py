@@ -37,12 +37,18 @@ from typing import Callable
 import numpy as np
 
 from vllm_eplb_plugin import PolicyConfig, create_policy
-from vllm_eplb_plugin.registry import DEFAULT_POLICY
 from vllm_eplb_plugin.placement import (
-    InvalidExpertTable, changed_slots, default_table, expert_to_slot_load, num_experts_of, rank_load,
-    slot_to_expert_load, validate_table,
+    InvalidExpertTable,
+    changed_slots,
+    default_table,
+    expert_to_slot_load,
+    num_experts_of,
+    rank_load,
+    slot_to_expert_load,
+    validate_table,
 )
 from vllm_eplb_plugin.policies.search import lower_bound
+from vllm_eplb_plugin.registry import DEFAULT_POLICY
 
 from .traces import SHAPES, SKEWS, Shape, drifting_trace, hottest_ratio
 
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in runs:
                 try:
                     result = run_one(c, shape, trace)
-                except Exception as exc:  # a peer that cannot handle a shape is reported, not fatal
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot handle a shape is reported, not fatal
                     result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
                 rows.append({"shape": shape_name, "skew": skew, "hottest": hottest, "policy": c.name, "kind": c.kind,
                              **result})
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in runs:
             try:
                 full[c.name][skew] = time_full_shape(c, full_trace, args.full_repeat)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - as above: reported in the summary, not fatal
                 full[c.name][skew] = f"{type(exc).__name__}: {exc}"[:200]
     summary = summarize(rows, full)
     cases = per_case(rows)
@@ -386,7 +392,9 @@ def print_summary(summary: list[dict]) -> None:
 
 def print_full_shape(full: dict[str, dict]) -> None:
     """ms per call on DeepSeek-V3 EP32 (58 layers), first call and steady state, per heat."""
-    head = f"{'DeepSeek-V3 EP32, 58 layers':<30}" + "".join(f"{skew + ' 1st / steady ms':>28}" for skew in FULL_SHAPE_SKEWS)
+    head = f"{'DeepSeek-V3 EP32, 58 layers':<30}" + "".join(
+        f"{skew + ' 1st / steady ms':>28}" for skew in FULL_SHAPE_SKEWS
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for name, by_skew in full.items():
         cells = [f"{v['first']:10.1f} / {v['steady']:<8.1f}" if isinstance(v, dict) else "error"

@@ -53,7 +53,7 @@ def _rank(rank: int, port: int, sched_port: int | None, steps: int, out_dir: str
         with torch.no_grad():
             model(x)
         times.append((time.perf_counter() - start) * 1e3)
-        swaps.append(any(b.dispatcher.seq != s for b, s in zip(model.blocks, seqs)))
+        swaps.append(any(b.dispatcher.seq != s for b, s in zip(model.blocks, seqs, strict=True)))
         rows = torch.tensor([b.last_rows for b in model.blocks], dtype=torch.float64)
         every = [torch.empty_like(rows) for _ in range(WORLD)]
         dist.all_gather(every, rows)
@@ -62,7 +62,9 @@ def _rank(rank: int, port: int, sched_port: int | None, steps: int, out_dir: str
     transfers = pool.transfers if pool else []
     if pool:
         pool.stop()
-    Path(out_dir, f"{rank}.json").write_text(json.dumps({"times": times, "swaps": swaps, "loads": loads, "transfers": transfers}))
+    Path(out_dir, f"{rank}.json").write_text(
+        json.dumps({"times": times, "swaps": swaps, "loads": loads, "transfers": transfers})
+    )
     dist.destroy_process_group()
 
 
@@ -142,11 +144,13 @@ def main() -> None:
     print(f"{'step time (slowest rank)':<46} {'steps':>6} {'median':>8} {'p95':>8} {'max':>8}  ms")
     for name, st in rows.items():
         print(f"{name:<46} {st['steps']:>6} {st['median_ms']:>8.2f} {st['p95_ms']:>8.2f} {st['max_ms']:>8.2f}")
-    print(f"plans: {result['plans']}, policy {result['policy_ms']['median']:.1f} ms median (max {result['policy_ms']['max']:.1f}) "
+    print(f"plans: {result['plans']}, policy {result['policy_ms']['median']:.1f} ms median "
+          f"(max {result['policy_ms']['max']:.1f}) "
           f"in the scheduler; transfers {result['transfer_ms_per_layer_update']['median']:.1f} ms median per layer "
           f"update on the pool threads; {result['remote_fetches']} remote expert fetches")
     load = result["max_over_mean_rank_load"]
-    print(f"max / mean rank load, mean over steps: {load['without EPLB']:.3f} without EPLB, {load['with EPLB']:.3f} with")
+    print(f"max / mean rank load, mean over steps: {load['without EPLB']:.3f} without EPLB, "
+          f"{load['with EPLB']:.3f} with")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import require, vllm_ascend_sdist
 
 HERE = os.path.dirname(os.path.abspath(__file__))

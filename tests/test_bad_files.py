@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import config_errors_as_nobody
+
 from vllm_eplb_plugin.config import EplbConfig, EplbConfigError
 from vllm_eplb_plugin.placement import (
     MAX_MAP_BYTES,
@@ -83,7 +83,8 @@ def test_saving_refuses_fifos_links_and_directories_and_leaves_them_as_they_were
         with pytest.raises(ValueError, match=message):
             save_expert_map(path, table)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(link) and folder.is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "fifo.json", "link.json", "real.json"]  # no temp left
+    # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "fifo.json", "link.json", "real.json"]
     with pytest.raises(ValueError, match="contains a NUL byte"):
         save_expert_map(str(tmp_path / "a\x00.json"), table)
 
@@ -113,15 +114,19 @@ def test_cli_plan_to_a_fifo_is_a_one_line_error(tmp_path):
     [
         ({"heat_ema_decay": 10**400}, r"eplb.heat_ema_decay must be a number strictly between 0.0 and 1.0; got 1000"),
         ({"plan_timeout_s": -(10**400)}, r"eplb.plan_timeout_s must be a number strictly between"),
-        ({"policy": "swift", "policy_options": {"min_gain": 10**400}}, r"eplb.policy_options: policy 'swift' option 'min_gain' must be in"),
+        ({"policy": "swift", "policy_options": {"min_gain": 10**400}},
+         r"eplb.policy_options: policy 'swift' option 'min_gain' must be in"),
         ({"policy": "flaky_policies:BrokenInitPolicy"},
-         r"eplb.policy = 'flaky_policies:BrokenInitPolicy': building the policy raised RuntimeError: no GPU for this policy"),
+         r"eplb.policy = 'flaky_policies:BrokenInitPolicy': building the policy raised "
+         r"RuntimeError: no GPU for this policy"),
         ({"policy": "flaky_policies:AbstractPolicy"},
-         r"eplb.policy = 'flaky_policies:AbstractPolicy': policy 'flaky_policies:AbstractPolicy' is abstract: implement place"),
+         r"eplb.policy = 'flaky_policies:AbstractPolicy': "
+         r"policy 'flaky_policies:AbstractPolicy' is abstract: implement place"),
         ({"expert_map_record_path": "/tmp/a\x00b.json"}, r"eplb.expert_map_record_path contains a NUL byte"),
         ({"expert_map_path": "/tmp/a\x00b.json"}, r"eplb.expert_map_path contains a NUL byte"),
     ],
-    ids=["401-digit-float-key", "401-digit-negative", "401-digit-option", "init-raises", "abstract", "nul-record", "nul-map"],
+    ids=["401-digit-float-key", "401-digit-negative", "401-digit-option", "init-raises", "abstract", "nul-record",
+         "nul-map"],
 )
 def test_careless_config_values_are_config_errors(monkeypatch, section, message):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))

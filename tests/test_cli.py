@@ -47,7 +47,8 @@ def test_plan_errors(tmp_path, capsys):
     assert main(["plan", "--heat", str(bad), "--ranks", "2", "-o", str(tmp_path / "m.json")]) == 2
     assert "holds negative, NaN or infinite values" in capsys.readouterr().err
     assert main(["plan", "--heat", HEAT, "--ranks", "5", "--redundant", "2", "-o", str(tmp_path / "m.json")]) == 2
-    assert "16 experts + 2 redundant = 18 slots do not split evenly over 5 ranks; use --redundant 4" in capsys.readouterr().err
+    assert ("16 experts + 2 redundant = 18 slots do not split evenly over 5 ranks; use --redundant 4"
+            in capsys.readouterr().err)
     assert main(["plan", "--heat", HEAT, "--ranks", "6", "--redundant", "2", "--policy", "nope",
                  "-o", str(tmp_path / "m.json")]) == 2
     assert "no EPLB policy named 'nope'" in capsys.readouterr().err
@@ -57,7 +58,8 @@ def test_plan_errors(tmp_path, capsys):
 
 
 def _plan(tmp_path, heat, *extra):
-    return main(["plan", "--heat", str(heat), "--ranks", "2", "--redundant", "2", *extra, "-o", str(tmp_path / "m.json")])
+    return main(["plan", "--heat", str(heat), "--ranks", "2", "--redundant", "2", *extra,
+                 "-o", str(tmp_path / "m.json")])
 
 
 def test_bad_plan_inputs_are_one_line_errors_with_exit_2(tmp_path, capsys):
@@ -91,7 +93,9 @@ def test_a_policy_that_raises_is_reported_as_a_policy_bug(tmp_path, capsys, monk
                  "-o", str(tmp_path / "m.json")])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and 'raise RuntimeError("boom from RaisingPolicy")' in err, err
-    assert err.strip().endswith("policy 'raising' raised RuntimeError: boom from RaisingPolicy (a bug in the policy, not in the input)")
+    assert err.strip().endswith(
+        "policy 'raising' raised RuntimeError: boom from RaisingPolicy (a bug in the policy, not in the input)"
+    )
 
 
 @pytest.mark.parametrize("value, message", [("x", "'x' is not a number"),

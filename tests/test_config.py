@@ -7,8 +7,8 @@ import os
 import shutil
 
 import pytest
-
 from conftest import config_errors_as_nobody
+
 from vllm_eplb_plugin.config import EplbConfig, EplbConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -68,21 +68,28 @@ BAD = [
     ({"eplb": {}, "eplb_config": {}}, "has both 'eplb' and 'eplb_config'"),
     ({"eplb": {}, "dynamic_eplb": True}, r"has the section 'eplb' and the flat key\(s\) \['dynamic_eplb'\]"),
     ({"eplb": {"polcy": "deepseek"}}, r"unknown key 'polcy'. Did you mean 'policy'\?"),
-    ({"eplb": {"num_redundant_expert": 1}}, r"unknown key 'num_redundant_expert'. Did you mean 'num_redundant_experts'\?"),
+    ({"eplb": {"num_redundant_expert": 1}},
+     r"unknown key 'num_redundant_expert'. Did you mean 'num_redundant_experts'\?"),
     ({"eplb": {"zzz": 1}}, r"unknown key 'zzz'. Valid keys: algorithm_execution_interval"),
     ({"eplb": {"policy": "x", "eplb_policy_type": 1}}, r"'policy' is given twice \(once as 'eplb_policy_type'\)"),
     ({"eplb": {"num_redundant_experts": -1}}, r"eplb.num_redundant_experts must be in \[0, 65536\]; got -1"),
     ({"eplb": {"num_redundant_experts": 70000}}, r"num_redundant_experts must be in \[0, 65536\]; got 70000"),
-    ({"eplb": {"num_redundant_experts": "16"}}, r"num_redundant_experts must be an integer in \[0, 65536\]; got '16' \(str\)"),
+    ({"eplb": {"num_redundant_experts": "16"}},
+     r"num_redundant_experts must be an integer in \[0, 65536\]; got '16' \(str\)"),
     ({"eplb": {"num_redundant_experts": 1.0}}, r"num_redundant_experts must be an integer .* got 1.0 \(float\)"),
     ({"eplb": {"num_redundant_experts": True}}, r"num_redundant_experts must be an integer .* got True \(bool\)"),
-    ({"eplb": {"expert_heat_collection_interval": 0}}, r"expert_heat_collection_interval must be in \[1, 10000000\]; got 0"),
-    ({"eplb": {"expert_heat_collection_interval": 10**8}}, r"expert_heat_collection_interval must be in \[1, 10000000\]; got 100000000"),
-    ({"eplb": {"expert_heat_collection_interval": None}}, r"expert_heat_collection_interval must be an integer .* got None"),
+    ({"eplb": {"expert_heat_collection_interval": 0}},
+     r"expert_heat_collection_interval must be in \[1, 10000000\]; got 0"),
+    ({"eplb": {"expert_heat_collection_interval": 10**8}},
+     r"expert_heat_collection_interval must be in \[1, 10000000\]; got 100000000"),
+    ({"eplb": {"expert_heat_collection_interval": None}},
+     r"expert_heat_collection_interval must be an integer .* got None"),
     ({"eplb": {"algorithm_execution_interval": 0}}, r"algorithm_execution_interval must be in \[1, 1000000\]; got 0"),
     ({"eplb": {"algorithm_execution_interval": -5}}, r"algorithm_execution_interval must be in \[1, 1000000\]; got -5"),
-    ({"num_iterations_eplb_update": 0}, r"additional_config.expert_heat_collection_interval must be in \[1, 10000000\]; got 0"),
-    ({"num_wait_worker_iterations": 0}, r"additional_config.algorithm_execution_interval must be in \[1, 1000000\]; got 0"),
+    ({"num_iterations_eplb_update": 0},
+     r"additional_config.expert_heat_collection_interval must be in \[1, 10000000\]; got 0"),
+    ({"num_wait_worker_iterations": 0},
+     r"additional_config.algorithm_execution_interval must be in \[1, 1000000\]; got 0"),
     ({"init_redundancy_expert": -2}, r"additional_config.num_redundant_experts must be in \[0, 65536\]; got -2"),
     ({"eplb": {"num_nodes": 0}}, r"num_nodes must be in \[1, 65536\]; got 0"),
     ({"eplb": {"num_groups": 0}}, r"num_groups must be in \[1, 65536\]; got 0"),
@@ -93,27 +100,34 @@ BAD = [
     ({"eplb": {"dynamic_eplb": "true"}}, r"dynamic_eplb must be a JSON boolean \(true or false\); got 'true' \(str\)"),
     ({"eplb": {"dynamic_eplb": 1}}, r"dynamic_eplb must be a JSON boolean .* got 1 \(int\)"),
     ({"dynamic_eplb": "false"}, r"additional_config.dynamic_eplb must be a JSON boolean"),
-    ({"eplb": {"heat_collection_stage": "prefil"}}, r"heat_collection_stage must be one of \['all', 'prefill', 'decode'\]; got 'prefil'"),
+    ({"eplb": {"heat_collection_stage": "prefil"}},
+     r"heat_collection_stage must be one of \['all', 'prefill', 'decode'\]; got 'prefil'"),
     ({"eplb_config": {"eplb_heat_collection_stage": "both"}}, r"eplb_config.heat_collection_stage must be one of"),
     ({"eplb": {"heat_window": "mean"}}, r"heat_window must be one of \['sum', 'ema', 'steps'\]; got 'mean'"),
     ({"eplb": {"heat_ema_decay": 1.0}}, r"heat_ema_decay must be a number strictly between 0.0 and 1.0; got 1.0"),
     ({"eplb": {"heat_ema_decay": "0.5"}}, r"heat_ema_decay must be a number strictly between"),
     ({"eplb": {"heat_ema_decay": float("nan")}}, r"heat_ema_decay must be a number strictly between"),
-    ({"eplb": {"policy": "deepsek"}}, r"eplb.policy = 'deepsek': no EPLB policy named 'deepsek'. Did you mean 'deepseek'\?"),
+    ({"eplb": {"policy": "deepsek"}},
+     r"eplb.policy = 'deepsek': no EPLB policy named 'deepsek'. Did you mean 'deepseek'\?"),
     ({"eplb": {"policy": 9}}, r"eplb.policy = 9: eplb_policy_type 9 is not one of vLLM Ascend's types"),
-    ({"eplb": {"policy": ["deepseek"]}}, r"policy must be a policy name or an eplb_policy_type number \(0-3\); got \['deepseek'\]"),
+    ({"eplb": {"policy": ["deepseek"]}},
+     r"policy must be a policy name or an eplb_policy_type number \(0-3\); got \['deepseek'\]"),
     ({"eplb": {"policy": True}}, r"policy must be a policy name or an eplb_policy_type number"),
     ({"eplb": {"policy": "no_mod:Cls"}}, r"eplb.policy = 'no_mod:Cls': cannot import module 'no_mod'"),
-    ({"eplb": {"policy_options": {"seed": 1}}}, r"eplb.policy_options: policy 'swift' has no option 'seed'; its options are: min_gain, slack"),
-    ({"eplb": {"policy": "random", "policy_options": {"seed": -1}}}, r"policy 'random' option 'seed' must be in \[0, 4294967295\]; got -1"),
+    ({"eplb": {"policy_options": {"seed": 1}}},
+     r"eplb.policy_options: policy 'swift' has no option 'seed'; its options are: min_gain, slack"),
+    ({"eplb": {"policy": "random", "policy_options": {"seed": -1}}},
+     r"policy 'random' option 'seed' must be in \[0, 4294967295\]; got -1"),
     ({"eplb": {"policy_options": [1]}}, r"policy_options must be a JSON object with string keys; got \[1\]"),
     ({"eplb": {"policy_options": {"a": {1, 2}}}}, r"policy_options must be JSON-serialisable"),
     ({"eplb": {"expert_map_path": 5}}, r"expert_map_path must be a string path to a .json file; got 5 \(int\)"),
     ({"eplb": {"expert_map_path": "  "}}, r"expert_map_path is an empty string"),
     ({"eplb": {"expert_map_path": "map.yaml"}}, r"expert_map_path must end in .json; got 'map.yaml'"),
-    ({"eplb": {"expert_map_path": "/nonexistent/map.json"}}, r"expert_map_path: '/nonexistent/map.json' does not exist"),
+    ({"eplb": {"expert_map_path": "/nonexistent/map.json"}},
+     r"expert_map_path: '/nonexistent/map.json' does not exist"),
     (lambda p: {"eplb": {"expert_map_path": str(_dir_named_json(p))}}, r"expert_map_path: .* is not a regular file"),
-    (lambda p: {"eplb": {"expert_map_path": _bad_map(p, "{oops")}}, r"expert_map_path: expert map .* is not valid JSON"),
+    (lambda p: {"eplb": {"expert_map_path": _bad_map(p, "{oops")}},
+     r"expert_map_path: expert map .* is not valid JSON"),
     (lambda p: {"eplb": {"expert_map_path": _bad_map(p, '{"moe_layer_count": 1, "layer_list": []}')}},
      r"expert_map_path: expert map .*: moe_layer_count is 1 but layer_list has 0 entries"),
     (lambda p: {"eplb": {"expert_map_path": _bad_map(p, json.dumps({"moe_layer_count": 1, "layer_list": [
@@ -122,8 +136,10 @@ BAD = [
      r"expert_map_path: expert map .*: layer 0, rank 0 holds logical expert 0 twice"),
     ({"eplb": {"expert_map_record_path": ""}}, r"expert_map_record_path is an empty string"),
     ({"eplb": {"expert_map_record_path": "out.txt"}}, r"expert_map_record_path must end in .json; got 'out.txt'"),
-    ({"eplb": {"expert_map_record_path": "/nonexistent/dir/out.json"}}, r"expert_map_record_path: directory '/nonexistent/dir' does not exist; create it first"),
-    (lambda p: {"eplb": {"expert_map_record_path": str(_dir_named_json(p))}}, r"expert_map_record_path: .* exists and is not a regular file"),
+    ({"eplb": {"expert_map_record_path": "/nonexistent/dir/out.json"}},
+     r"expert_map_record_path: directory '/nonexistent/dir' does not exist; create it first"),
+    (lambda p: {"eplb": {"expert_map_record_path": str(_dir_named_json(p))}},
+     r"expert_map_record_path: .* exists and is not a regular file"),
     ({"eplb": {"expert_map_record_path": ["a.json"]}}, r"expert_map_record_path must be a string path to a .json file"),
     ("not a dict", r"additional_config must be a JSON object; got str"),
 ]
@@ -154,7 +170,8 @@ def test_unreadable_and_unwritable_paths(shared_dir):
     ro_dir = os.path.join(shared_dir, "ro")
     os.mkdir(ro_dir, 0o555)
     os.chmod(ro_dir, 0o555)
-    out = config_errors_as_nobody(shared_dir, expert_map_path=locked, expert_map_record_path=os.path.join(ro_dir, "r.json"))
+    out = config_errors_as_nobody(shared_dir, expert_map_path=locked,
+                                  expert_map_record_path=os.path.join(ro_dir, "r.json"))
     assert "expert_map_path: cannot read" in out and "check its permissions" in out, out
     assert f"expert_map_record_path: directory '{ro_dir}' is not writable" in out, out
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import require
+
 from vllm_eplb_plugin import PolicyConfig, create_policy
 from vllm_eplb_plugin.metrics import imbalance
 from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, logcnt, rank_load, validate_table
@@ -95,7 +95,11 @@ def test_hierarchical_with_more_slots_than_a_node_holds_places_globally(caplog):
     # R=2, E=8, K=6, 8 groups, 2 nodes: a node would hold 4 experts for 6 slots per rank.
     table, load = default_table(1, 2, 6, 8), np.random.default_rng(0).integers(1, 100, (1, 2, 6))
     with caplog.at_level("WARNING", logger="vllm_eplb_plugin"):
-        new = create_policy("deepseek", PolicyConfig(num_groups=8, num_nodes=2)).rebalance_experts(table, load).new_table
+        new = (
+            create_policy("deepseek", PolicyConfig(num_groups=8, num_nodes=2))
+            .rebalance_experts(table, load)
+            .new_table
+        )
     np.testing.assert_array_equal(new, create_policy("deepseek").rebalance_experts(table, load).new_table)
     assert "6 slots per rank exceed the 4 experts each of num_nodes=2 nodes holds; placing globally" in caplog.text
 

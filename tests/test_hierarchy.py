@@ -8,11 +8,16 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_eplb_plugin import PolicyConfig, create_policy
-from vllm_eplb_plugin import hierarchy
+from vllm_eplb_plugin import PolicyConfig, create_policy, hierarchy
 from vllm_eplb_plugin.hierarchy import current_groups, join_nodes, node_experts, split_nodes
 from vllm_eplb_plugin.placement import (
-    InvalidExpertTable, changed_slots, default_table, expert_to_slot_load, logcnt, rank_load, validate_table,
+    InvalidExpertTable,
+    changed_slots,
+    default_table,
+    expert_to_slot_load,
+    logcnt,
+    rank_load,
+    validate_table,
 )
 from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy, deepseek_phy2log
 from vllm_eplb_plugin.policies.optimal import OptimalPolicy

@@ -19,10 +19,9 @@ from vllm_eplb_plugin.config import EplbConfig
 from vllm_eplb_plugin.heat import HeatCounter
 from vllm_eplb_plugin.loop import PlanningLoop
 from vllm_eplb_plugin.metrics import balancedness
-from vllm_eplb_plugin.placement import default_table, load_expert_map
-from vllm_eplb_plugin.planner import PlanStatus, review_plan
+from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, load_expert_map
+from vllm_eplb_plugin.planner import review_plan
 from vllm_eplb_plugin.registry import create_policy
-from vllm_eplb_plugin.placement import expert_to_slot_load
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))  # flaky_policies, in ranks and the planner child
 

@@ -9,7 +9,14 @@ import pytest
 
 from vllm_eplb_plugin import PolicyConfig, create_policy
 from vllm_eplb_plugin.moves import broken_slots, limit_moves, preserve_slots, repair_table, separate_duplicates
-from vllm_eplb_plugin.placement import InvalidExpertTable, changed_slots, default_table, expert_to_slot_load, rank_load, validate_table
+from vllm_eplb_plugin.placement import (
+    InvalidExpertTable,
+    changed_slots,
+    default_table,
+    expert_to_slot_load,
+    rank_load,
+    validate_table,
+)
 
 
 def _peak(table, load):
@@ -39,7 +46,7 @@ def test_single_move_is_the_best_single_move_brute_force():
         load = rng.gamma(0.4, 100.0, (1, 7))
         target = create_policy("deepseek").rebalance_experts(table, expert_to_slot_load(table, load)).new_table
         best = _peak(table, load)[0]
-        for r, k in zip(*np.nonzero(table[0] != target[0])):
+        for r, k in zip(*np.nonzero(table[0] != target[0]), strict=True):
             trial = table.copy()
             trial[0, r, k] = target[0, r, k]
             try:

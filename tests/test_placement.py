@@ -8,8 +8,8 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from conftest import require, vllm_ascend_sdist
+
 from vllm_eplb_plugin.placement import (
     InvalidExpertTable,
     default_table,
@@ -46,7 +46,9 @@ def test_log2phy_inverts_phy2log_on_random_tables():
         L, R, K = rng.integers(1, 5, 3)
         E = int(rng.integers(K, R * K + 1))
         t = default_table(L, R, K, E)
-        t = np.take_along_axis(rng.permuted(np.tile(np.arange(E), (L, 1)), axis=1), t.reshape(L, -1), 1).reshape(t.shape)
+        t = np.take_along_axis(
+            rng.permuted(np.tile(np.arange(E), (L, 1)), axis=1), t.reshape(L, -1), 1
+        ).reshape(t.shape)
         p2l, l2p = phy2log(t), log2phy(t, E)
         for l in range(L):
             for e in range(E):

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from vllm_eplb_plugin.config import EplbConfig
-from vllm_eplb_plugin.placement import default_table, validate_table
 from vllm_eplb_plugin.metrics import balancedness
+from vllm_eplb_plugin.placement import default_table, expert_to_slot_load, validate_table
 from vllm_eplb_plugin.planner import Planner, PlanStatus, PolicyChild, review_plan
 from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy
-from vllm_eplb_plugin.placement import expert_to_slot_load
 
 HELPERS = str(Path(__file__).parent / "helpers")
 

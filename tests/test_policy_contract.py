@@ -108,7 +108,8 @@ def test_vllm_ascend_policy_types(number, name):
 def test_default_and_unknown_names():
     assert type(create_policy(None)).name == "swift"
     assert type(create_policy("default")).name == "swift"
-    with pytest.raises(PolicyNotFound, match=r"no EPLB policy named 'deepsek'. Did you mean 'deepseek'\? Available: .*deepseek"):
+    with pytest.raises(PolicyNotFound,
+                       match=r"no EPLB policy named 'deepsek'. Did you mean 'deepseek'\? Available: .*deepseek"):
         create_policy("deepsek")
     with pytest.raises(PolicyNotFound, match=r"eplb_policy_type 7 is not one of vLLM Ascend's types"):
         create_policy(7)
@@ -141,7 +142,11 @@ def test_broken_entry_point_is_reported_by_name(tmp_path, monkeypatch):
     (tmp_path / "broken_policy_mod.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "broken" in eplb.available_policies()
-    with pytest.raises(PolicyLoadError, match=r"policy 'broken' \(entry point 'broken_policy_mod:Policy'\) fails to import: RuntimeError\('boom at import'\)"):
+    with pytest.raises(
+        PolicyLoadError,
+        match=r"policy 'broken' \(entry point 'broken_policy_mod:Policy'\) fails to import: "
+              r"RuntimeError\('boom at import'\)",
+    ):
         create_policy("broken")
     from vllm_eplb_plugin.cli import main
 

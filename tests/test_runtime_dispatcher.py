@@ -236,5 +236,7 @@ def test_one_gather_per_step_whatever_the_block_count(blocks):
         assert r["batched"] == 1 and r["staged"] == 1
         assert r["per_block"] == blocks  # the per-dispatcher API still works, one gather each
         assert r["flags"] == [False, True] + [False] * (blocks - 2)
-        assert r["error"].startswith("expert table of MoE block 2 differs across ranks: ranks [1] disagree with ranks [0]; "
-                                     "first layer that differs: 0")
+        assert r["error"].startswith(
+            "expert table of MoE block 2 differs across ranks: ranks [1] disagree with ranks [0]; "
+            "first layer that differs: 0"
+        )

@@ -34,9 +34,9 @@ def _scheduler(port: int, mode: str, *extra: str) -> subprocess.Popen:
         try:
             connect("127.0.0.1", port, KEY.encode()).close()
             return proc
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError) as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"scheduler did not start: {proc.communicate()[0]}")
+                raise RuntimeError(f"scheduler did not start: {proc.communicate()[0]}") from exc
             time.sleep(0.1)
 
 

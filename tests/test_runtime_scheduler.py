@@ -53,7 +53,8 @@ def test_cli_names_a_port_it_cannot_listen_on():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        done = _cli("--world_size", "4", "--port", port, "--expert_num", "8", "--block_num", "2", "--mode", "A2A", key="k")
+        done = _cli("--world_size", "4", "--port", port, "--expert_num", "8", "--block_num", "2", "--mode", "A2A",
+                    key="k")
     assert done.returncode == 2 and f"cannot listen on --host 127.0.0.1 --port {port}" in done.stderr, done.stderr
 
 
@@ -153,12 +154,16 @@ def test_bad_reports_are_refused_by_name(scheduler):
     send(conns[1], {"type": "load", "round": 0, "layer": 5, "load": _skew(1)})
     assert "load report from rank 1: layer=5 is not in [0, 2)" in recv(conns[1])["message"]
     send(conns[1], {"type": "load", "round": 0, "layer": 0, "load": [-1] * E})
-    assert "load report from rank 1: load[0]=-1 is not a finite number in [0, 2**53]; report ignored" == recv(conns[1])["message"]
+    assert (
+        "load report from rank 1: load[0]=-1 is not a finite number in [0, 2**53]; report ignored"
+        == recv(conns[1])["message"]
+    )
 
 
 def test_hello_that_does_not_fit_is_refused():
     sched_port = free_port()
-    sched = Scheduler(SchedulerConfig(world_size=W, port=sched_port, mode="A2A", expert_num=E, block_num=L, auth_key=KEY))
+    sched = Scheduler(SchedulerConfig(world_size=W, port=sched_port, mode="A2A", expert_num=E, block_num=L,
+                                      auth_key=KEY))
     threading.Thread(target=sched.serve_forever, daemon=True).start()
     try:
         c = connect("127.0.0.1", sched_port, KEY)

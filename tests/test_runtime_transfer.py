@@ -57,7 +57,9 @@ def test_remote_fetches_are_exactly_the_pairs_new_to_a_rank():
 
 
 def test_unchanged_table_moves_nothing_remotely():
-    table = create_policy("random").rebalance_experts(np.arange(12).reshape(1, 3, 4) % 10, np.ones((1, 3, 4))).new_table[0]
+    table = create_policy("random").rebalance_experts(
+        np.arange(12).reshape(1, 3, 4) % 10, np.ones((1, 3, 4))
+    ).new_table[0]
     plan = plan_transfers(table, table)
     assert plan.num_remote == 0 and plan.local[:, 1].tolist() == plan.local[:, 2].tolist()
 

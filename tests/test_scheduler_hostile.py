@@ -55,7 +55,7 @@ def _within(seconds: float, fn: Callable[[], Any]) -> Any:
     def run() -> None:
         try:
             out["value"] = fn()
-        except BaseException as exc:  # handed to the test below
+        except BaseException as exc:  # noqa: BLE001 - handed to the test below
             out["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
@@ -121,7 +121,9 @@ def test_peers_that_break_the_handshake_do_not_stop_anyone_else(start, caplog):
     rejected = _eventually(lambda: len(_warnings(caplog, "rejected")) >= 2 and _warnings(caplog, "rejected"))
     assert rejected[0].startswith("EPLB scheduler: rejected the connection from 127.0.0.1:")
     assert any(m.endswith("(EOFError: ); still accepting") for m in rejected), rejected
-    assert any(m.endswith("(AuthenticationError: digest received was wrong); still accepting") for m in rejected), rejected
+    assert any(
+        m.endswith("(AuthenticationError: digest received was wrong); still accepting") for m in rejected
+    ), rejected
     for s in silent + [garbage]:
         s.close()
 
@@ -140,7 +142,10 @@ def test_a_silent_peer_is_dropped_at_the_handshake_deadline(start, caplog):
 
 def test_more_silent_peers_than_handshake_slots_only_delay_a_rank_until_the_deadline(start):
     sched = start(handshake_timeout=0.5)
-    silent = [socket.create_connection(("127.0.0.1", sched.config.port)) for _ in range(scheduler_module.MAX_HANDSHAKES + 6)]
+    silent = [
+        socket.create_connection(("127.0.0.1", sched.config.port))
+        for _ in range(scheduler_module.MAX_HANDSHAKES + 6)
+    ]
     start_time = time.monotonic()
     conn, init = _rank(sched)
     assert init["type"] == "init" and time.monotonic() - start_time < 2.5
@@ -173,7 +178,8 @@ def test_sixteen_ranks_connecting_at_once_all_get_init(start):
 # -- 3: fields of the wrong type or range -------------------------------------------------
 
 BAD_LOADS = [
-    ({"load": [10**400] + [1] * (E - 1)}, "load[0]=100000000000000000000000000000... (401 characters) is not a finite number in [0, 2**53]"),
+    ({"load": [10**400] + [1] * (E - 1)},
+     "load[0]=100000000000000000000000000000... (401 characters) is not a finite number in [0, 2**53]"),
     ({"load": ["5"] * E}, "load[0]='5' is not a finite number in [0, 2**53]"),
     ({"load": [1, True] + [1] * (E - 2)}, "load[1]=True is not a finite number in [0, 2**53]"),
     ({"load": [1, 2, float("nan")] + [1] * (E - 3)}, "load[2]=nan is not a finite number in [0, 2**53]"),
@@ -199,11 +205,14 @@ def test_every_bad_field_of_a_load_is_refused_by_name_and_the_rank_carries_on(st
         assert reply == {"type": "error", "message": f"load report from rank 0: {problem}; report ignored"}, fields
     assert _answered(conn, _load(0))["type"] in ("plan", "keep")  # none of them counted as round 0
     assert _answered(conn, _load(0)) == {
-        "type": "error", "message": "load report from rank 0: round=0 for layer 0 does not follow round 0; report ignored"}
+        "type": "error",
+        "message": "load report from rank 0: round=0 for layer 0 does not follow round 0; report ignored"}
     unranked = _within(3, lambda: connect("127.0.0.1", sched.config.port, KEY))
-    assert _answered(unranked, _load(0, layer=True))["message"] == "load report: layer=True is not an integer; report ignored"
+    assert (_answered(unranked, _load(0, layer=True))["message"]
+            == "load report: layer=True is not an integer; report ignored")
     assert _answered(unranked, _load(0))["message"] == "a load report before hello and init; say hello first"
-    assert _answered(unranked, {"type": "x" * 100})["message"] == "unknown message type 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (102 characters)"
+    assert (_answered(unranked, {"type": "x" * 100})["message"]
+            == "unknown message type 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (102 characters)")
 
 
 BAD_HELLOS = [
@@ -217,7 +226,8 @@ BAD_HELLOS = [
     ({"table": [[0, 1], [0]]}, "table must be 2 lists of the same length, 1 to 4 expert ids each"),
     ({"table": [[0, 1, 2, 3, 4]] * L}, "table must be 2 lists of the same length, 1 to 4 expert ids each"),
     ({"table": [[0, "1"]] * L}, "table[0][1]='1' is not an expert id in [0, 8)"),
-    ({"table": [[0, 1], [0, 10**400]]}, "table[1][1]=100000000000000000000000000000... (401 characters) is not an expert id in [0, 8)"),
+    ({"table": [[0, 1], [0, 10**400]]},
+     "table[1][1]=100000000000000000000000000000... (401 characters) is not an expert id in [0, 8)"),
     ({"table": [[0, 1.0]] * L}, "table[0][1]=1.0 is not an expert id in [0, 8)"),
 ]
 
@@ -229,7 +239,7 @@ def test_every_bad_field_of_a_hello_is_refused_by_name(start):
         reply = _answered(conn, _hello_msg(0, 2, **fields))
         assert reply == {"type": "error", "message": f"hello: {problem}"}, fields
         with pytest.raises(EOFError):  # a hello that does not fit ends the connection
-            _within(3, lambda: recv(conn))
+            _within(3, lambda conn=conn: recv(conn))
     conns = [_rank(sched, r, 2)[0] for r in range(2)]  # none of them took a rank
     assert [_within(3, lambda c=c: recv(c))["type"] for c in conns] == ["init", "init"]
 
@@ -394,7 +404,8 @@ def test_a_rank_far_ahead_of_the_others_holds_at_most_a_bounded_number_of_rounds
         send(ahead, _load(rnd))
     _answered(ahead, {"type": "sync"})  # every report before it has been handled
     assert len(sched._pending) == MAX_PENDING_ROUNDS
-    assert _warnings(caplog, "EPLB round 0 layer 0: dropped unplanned, only ranks [0] reported it (at most 16 rounds wait per layer)")
+    assert _warnings(caplog, "EPLB round 0 layer 0: dropped unplanned, only ranks [0] reported it "
+                             "(at most 16 rounds wait per layer)")
     send(behind, _load(99))
     assert [_within(3, lambda c=c: recv(c))["round"] for c in (ahead, behind)] == [99, 99]
 
@@ -413,7 +424,8 @@ def test_a_bug_met_by_one_message_drops_that_message_only(start, caplog, monkeyp
 
 def test_a_failing_accept_is_logged_and_accepting_goes_on(caplog):
     caplog.set_level(logging.WARNING, "vllm_eplb_plugin.runtime")
-    sched = Scheduler(SchedulerConfig(world_size=1, port=free_port(), mode="A2A", expert_num=E, block_num=L, auth_key=KEY))
+    sched = Scheduler(SchedulerConfig(world_size=1, port=free_port(), mode="A2A", expert_num=E, block_num=L,
+                                      auth_key=KEY))
     accept, calls = sched.listener.accept, []
 
     def accept_failing_once():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import import_peer
 
 import_peer("vllm")
@@ -32,7 +31,8 @@ MAX_TOKENS = [12, 5, 9, 16, 7, 11]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return build_tiny_moe(tmp_path_factory.mktemp("model") / "tiny-qwen3-moe", layers=LAYERS, experts=EXPERTS, top_k=TOP_K)
+    return build_tiny_moe(tmp_path_factory.mktemp("model") / "tiny-qwen3-moe", layers=LAYERS, experts=EXPERTS,
+                          top_k=TOP_K)
 
 
 def _port(offset: int) -> int:
@@ -49,7 +49,7 @@ def _serve(model, tmp_path, name, *, additional_config=None, eager=True, env=Non
 
 
 def _send(server):
-    return [complete(server, p, m) for p, m in zip(PROMPTS, MAX_TOKENS)]
+    return [complete(server, p, m) for p, m in zip(PROMPTS, MAX_TOKENS, strict=True)]
 
 
 def _routed(server, layers=LAYERS):
@@ -88,7 +88,9 @@ def test_compiled_server_counts_exact_heat_records_plans_and_keeps_greedy_tokens
     # Compiled mode warms up with dummy runs; none of them counted (checked above).
     assert "Warming up model for the compilation" in log
     assert got['vllm:eplb_plans_total{outcome="applied"}'] >= 1, log[-3000:]
-    plan_lines = re.findall(r"EPLB plan \d+ \(step \d+\): (\d+)/2 layers changed, balancedness ([\d.]+) -> ([\d.]+)", log)
+    plan_lines = re.findall(
+        r"EPLB plan \d+ \(step \d+\): (\d+)/2 layers changed, balancedness ([\d.]+) -> ([\d.]+)", log
+    )
     assert plan_lines and all(float(after) > float(before) for _, before, after in plan_lines)
 
     # The record is a valid vLLM Ascend expert map for this deployment: 2 layers, 2 ranks x 5 slots.

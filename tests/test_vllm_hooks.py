@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import import_peer
 
 import_peer("vllm")
@@ -23,7 +22,8 @@ def test_register_twice_patches_once_and_only_what_the_process_loaded():
         "import vllm.engine.arg_utils as a, vllm_eplb_plugin as p, sys\n"
         "p.register(); first = a.EngineArgs.create_engine_config\n"
         "p.register(); assert a.EngineArgs.create_engine_config is first\n"
-        "assert first.__wrapped__.__name__ == 'create_engine_config' and not hasattr(first.__wrapped__, '__wrapped__')\n"
+        "assert first.__wrapped__.__name__ == 'create_engine_config' "
+        "and not hasattr(first.__wrapped__, '__wrapped__')\n"
         "assert 'vllm.v1.worker.gpu_model_runner' not in sys.modules, 'worker hooks in a non-worker process'\n"
         "print('ok')"
     )
@@ -115,8 +115,10 @@ def _engine(tp=2, dp=1, experts=8, enable_eplb=False, theirs=0, eplb=None, hf_ke
     [
         ({"dp": 2}, "eplb: data_parallel_size=2 is not supported"),
         ({"hf_key": None}, "does not look like a MoE model"),
-        ({"eplb": {"num_redundant_experts": 1}}, "eplb.num_redundant_experts=1: 8 experts + 1 redundant slots do not divide over 2 EP ranks"),
-        ({"enable_eplb": True, "theirs": 4, "eplb": {"num_redundant_experts": 2}}, "differs from vLLM's --eplb-config num_redundant_experts=4"),
+        ({"eplb": {"num_redundant_experts": 1}},
+         "eplb.num_redundant_experts=1: 8 experts + 1 redundant slots do not divide over 2 EP ranks"),
+        ({"enable_eplb": True, "theirs": 4, "eplb": {"num_redundant_experts": 2}},
+         "differs from vLLM's --eplb-config num_redundant_experts=4"),
         ({"experts": 16, "eplb": {"expert_map_path": MAP_8E}}, "the map places 8 experts but the model has 16"),
     ],
 )
@@ -159,8 +161,10 @@ def test_plan_path_names_who_runs_the_policy(ascend, kwargs, path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"dynamic": False}, 'vLLM Ascend\'s dynamic EPLB, which is off; set additional_config.eplb_config = {"dynamic_eplb": true}'),
-        ({"v2": True}, "model runner v2 (VLLM_USE_V2_MODEL_RUNNER=1) runs EPLB only through vLLM's EplbState; pass --enable-eplb"),
+        ({"dynamic": False},
+         'vLLM Ascend\'s dynamic EPLB, which is off; set additional_config.eplb_config = {"dynamic_eplb": true}'),
+        ({"v2": True},
+         "model runner v2 (VLLM_USE_V2_MODEL_RUNNER=1) runs EPLB only through vLLM's EplbState; pass --enable-eplb"),
     ],
 )
 def test_on_ascend_a_config_where_nothing_would_run_the_policy_is_refused(kwargs, message):
@@ -182,5 +186,6 @@ def test_every_vllm_patch_target_exists_and_drift_is_named():
         check_targets((gone, moved), "vLLM", "vLLM 0.32.x")
     text = str(err.value)
     assert "vllm.engine.arg_utils.EngineArgs.create_engine_config_v9 does not exist" in text
-    assert "GPUModelRunner._model_forward(self, positions, ...): its parameters are now (self, input_ids, positions" in text
+    assert ("GPUModelRunner._model_forward(self, positions, ...): its parameters are now (self, input_ids, positions"
+            in text)
     assert text.endswith("The plugin supports vLLM 0.32.x; install one of those or remove the eplb section.")

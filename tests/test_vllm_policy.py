@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import import_peer
 
 torch = import_peer("torch")

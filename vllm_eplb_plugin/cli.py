@@ -117,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:  # inputs are checked: from here on, an exception is the policy's
         policy = cls(config)
         result = policy.plan(current, heat)  # heat per expert, [L, E] or [T, L, E]
-    except Exception as exc:  # noqa: BLE001 - reported with its traceback
+    except Exception as exc:  # reported with its traceback
         raise PolicyFailed(f"policy {label!r} raised {type(exc).__name__}: {exc}") from exc
     elapsed = time.perf_counter() - start
     save_expert_map(args.output, result.new_table)
@@ -156,7 +156,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         before, after = record.get("balancedness_before"), record.get("balancedness_after")
         if before and after:
             print(f"{'layer':>5} {'balancedness before':>19} {'-> after (predicted)':>20}")
-            for l, (b, a) in enumerate(zip(before, after)):
+            for l, (b, a) in enumerate(zip(before, after, strict=True)):
                 print(f"{l:>5} {b:>19.3f} {a:>20.3f}")
     heat = None
     if args.heat:
@@ -169,7 +169,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if heat.shape != (L, E):
             raise CliError(f"heat has shape {list(heat.shape)}; this map needs [{L}, {E}]")
         score = imbalance(table, heat)
-    print(f"{'layer':>5} {'replicated experts':>18} {'max replicas':>12}" + (f" {'imbalance':>10} {'balancedness':>12}" if heat is not None else ""))
+    print(f"{'layer':>5} {'replicated experts':>18} {'max replicas':>12}"
+          + (f" {'imbalance':>10} {'balancedness':>12}" if heat is not None else ""))
     for l in range(L):
         row = f"{l:>5} {int((counts[l] > 1).sum()):>18d} {int(counts[l].max()):>12d}"
         if heat is not None:

@@ -169,7 +169,7 @@ class EplbConfig:
             raise EplbConfigError(f"{where}.policy_options: {exc}") from exc
         try:
             cls(self.policy_config())
-        except Exception as exc:  # noqa: BLE001 - the policy's own bug, reported as one
+        except Exception as exc:  # the policy's own bug, reported as one
             raise EplbConfigError(
                 f"{where}.policy = {self.policy!r}: building the policy raised {type(exc).__name__}: {exc}; "
                 "fix the policy or choose another."
@@ -208,14 +208,19 @@ def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
             raise EplbConfigError(f"{key} must be in [{meta['min']}, {meta['max']}]; got {value}.")
     elif meta.get("kind") == "float":
         if not is_number(value) or not meta["min"] < value < meta["max"]:
-            raise EplbConfigError(f"{key} must be a number strictly between {meta['min']} and {meta['max']}; got {value!r}.")
+            raise EplbConfigError(
+                f"{key} must be a number strictly between {meta['min']} and {meta['max']}; got {value!r}."
+            )
     elif f.name == "dynamic_eplb":
         if not isinstance(value, bool):
-            raise EplbConfigError(f"{key} must be a JSON boolean (true or false); got {value!r} ({type(value).__name__}).")
+            raise EplbConfigError(
+                f"{key} must be a JSON boolean (true or false); got {value!r} ({type(value).__name__})."
+            )
     elif f.name == "policy":
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
             raise EplbConfigError(
-                f"{key} must be a policy name or an eplb_policy_type number (0-3); got {value!r} ({type(value).__name__})."
+                f"{key} must be a policy name or an eplb_policy_type number (0-3); "
+                f"got {value!r} ({type(value).__name__})."
             )
     elif f.name == "policy_options":
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
@@ -243,9 +248,13 @@ def _check_expert_map_path(path: Any, key: str) -> None:
     try:
         os.stat(path)
     except FileNotFoundError:
-        raise EplbConfigError(f"{key}: {path!r} does not exist; write one with `vllm-eplb plan` or fix the path.") from None
+        raise EplbConfigError(
+            f"{key}: {path!r} does not exist; write one with `vllm-eplb plan` or fix the path."
+        ) from None
     except OSError as exc:  # e.g. a directory on the way that this user cannot enter
-        raise EplbConfigError(f"{key}: cannot reach {path!r} ({exc.strerror}); check the permissions of its directories.") from None
+        raise EplbConfigError(
+            f"{key}: cannot reach {path!r} ({exc.strerror}); check the permissions of its directories."
+        ) from None
     if not os.path.isfile(path):
         raise EplbConfigError(f"{key}: {path!r} is not a regular file.")
     try:

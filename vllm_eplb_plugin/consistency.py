@@ -153,12 +153,14 @@ def verify_consistency_many(
     table that differs is reported (every rank gathers the same rows, so every rank raises
     for the same table). Returns ``extra`` from every rank, ``[W, n]``."""
     if len(whats) != len(tables):
-        raise ValueError(f"verify_consistency_many: {len(tables)} tables but {len(whats)} names; pass one name per table.")
+        raise ValueError(
+            f"verify_consistency_many: {len(tables)} tables but {len(whats)} names; pass one name per table."
+        )
     require_cpu_group(group)
     ranks = group_ranks(group)
     local = np.concatenate([*(table_summary(t) for t in tables), np.asarray(extra, dtype=np.int64).reshape(-1)])
     gathered = _all_gather(local, group)  # [W, 4 * B + n]
-    for b, (table, what) in enumerate(zip(tables, whats)):
+    for b, (table, what) in enumerate(zip(tables, whats, strict=True)):
         _raise_if_differ(gathered[:, 4 * b:4 * b + 4], table, group, ranks, what)
     return gathered[:, 4 * len(tables):]
 

@@ -55,8 +55,8 @@ EP32 x 9 over 4 nodes (``benchmarks.traces``, mild / heavy skew, 5 plans) 1 % cu
 swift's steady moves from 0.36 / 0.24 to 0.26 / 0.18 of the slots with the next
 window's peak unchanged (1.117 / 1.206 -> 1.117 / 1.203 of the bound); 3 % cost 0.3 %."""
 
-__all__ = ["KEEP_SPLIT_SLACK", "applies", "respects_groups", "place_in_nodes", "why_global", "current_groups", "assign_groups", "node_experts",
-           "split_nodes", "join_nodes"]
+__all__ = ["KEEP_SPLIT_SLACK", "applies", "respects_groups", "place_in_nodes", "why_global", "current_groups",
+           "assign_groups", "node_experts", "split_nodes", "join_nodes"]
 
 
 def why_global(num_experts: int, num_ranks: int, slots_per_rank: int, num_groups: int, num_nodes: int) -> str | None:

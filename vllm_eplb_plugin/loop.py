@@ -137,7 +137,8 @@ class PlanningLoop:
         load, self.pending_steps, self.pending_load = self.pending_load, None, None
         self.last = outcome
         if status is PlanStatus.ADOPT:
-            new = torch.from_numpy(outcome.new_table) if outcome is not None else torch.empty(self.table.shape, dtype=torch.int64)
+            new = (torch.from_numpy(outcome.new_table) if outcome is not None
+                   else torch.empty(self.table.shape, dtype=torch.int64))
             dist.broadcast(new, src=src, group=self.group)
             self._adopt(new.numpy(), load, outcome)
         elif outcome is not None and status is PlanStatus.KEEP:

@@ -132,7 +132,7 @@ def _separate_layer(t: np.ndarray, w: np.ndarray) -> np.ndarray:
     cnt = np.bincount(t.ravel(), minlength=w.shape[0])
     per_replica = w / np.maximum(cnt, 1)
     for _ in range(t.size):
-        dups = [(r, e) for r in range(R) for e, c in zip(*np.unique(t[r], return_counts=True)) if c > 1]
+        dups = [(r, e) for r in range(R) for e, c in zip(*np.unique(t[r], return_counts=True), strict=True) if c > 1]
         if not dups:
             return t
         r, e = dups[0]

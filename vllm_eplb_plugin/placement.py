@@ -269,7 +269,9 @@ def table_from_json(doc: Any, *, source: str = "expert map") -> np.ndarray:
                 raise InvalidExpertTable(f"{dwhere}.device_expert must be a list of integers; got {experts!r}.")
             huge = next((e for e in experts if not -(1 << 63) <= e < 1 << 63), None)
             if huge is not None:
-                raise InvalidExpertTable(f"{dwhere}.device_expert holds {huge}, which is no expert id (ids are 0..E-1).")
+                raise InvalidExpertTable(
+                    f"{dwhere}.device_expert holds {huge}, which is no expert id (ids are 0..E-1)."
+                )
             if did in by_id:
                 raise InvalidExpertTable(f"{where}: device_id {did} appears twice.")
             by_id[did] = experts
@@ -308,7 +310,9 @@ def load_expert_map(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise InvalidExpertTable(f"cannot read expert map {path!r}: {exc}.") from exc
     if len(data) > MAX_MAP_BYTES:
-        raise InvalidExpertTable(f"expert map {path!r} is larger than {MAX_MAP_BYTES >> 20} MiB; it is not an expert map.")
+        raise InvalidExpertTable(
+            f"expert map {path!r} is larger than {MAX_MAP_BYTES >> 20} MiB; it is not an expert map."
+        )
     try:
         doc = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -41,7 +41,6 @@ from .metrics import balancedness
 from .moves import moved_within_rank
 from .placement import InvalidExpertTable, changed_slots, validate_table
 
-
 _HEADER = struct.Struct("<QQ")  # payload bytes, request id (0: a message about the child itself)
 
 
@@ -337,7 +336,7 @@ class PolicyChild:
                 seq, data = _read_raw(stream)
                 try:
                     kind, payload, seconds = pickle.loads(data)
-                except (Exception, SystemExit) as exc:  # noqa: BLE001 - whatever the policy's objects raise
+                except (Exception, SystemExit) as exc:  # whatever the policy's objects raise
                     kind, payload, seconds = "unreadable", f"{type(exc).__name__}: {exc}", 0.0
                 if kind == "ready":
                     self.ready_at = time.monotonic()

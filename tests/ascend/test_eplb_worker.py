@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from gloo import run_gloo
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm_ascend.eplb.core import eplb_worker
 from vllm_ascend.eplb.core.eplb_worker import EplbProcess, EplbWorker
 from vllm_ascend.eplb.core.policy.policy_factory import PolicyFactory
 
-from gloo import run_gloo
 from vllm_eplb_plugin.consistency import InconsistentExpertTable
 from vllm_eplb_plugin.engine.ascend_hooks import install_ascend
 from vllm_eplb_plugin.engine.ascend_policy import PluginPolicy
@@ -130,7 +130,8 @@ def test_eplb_worker_runs_our_policy_over_successive_rebalances(vllm_config, rej
         policy.close()
     assert rejections == []
     assert plans == 120 and adopted > 0
-    print(f"{name}: {plans} plans ({layer_plans} layer-plans), {adopted} adopted, {len(rejections)} layers rejected by check_expert_placement")
+    print(f"{name}: {plans} plans ({layer_plans} layer-plans), {adopted} adopted, "
+          f"{len(rejections)} layers rejected by check_expert_placement")
 
 
 def test_the_plan_is_our_policys_reviewed_plan(vllm_config):
@@ -180,13 +181,16 @@ def test_eplb_process_reaches_our_policy_whatever_the_start_method(vllm_config, 
 @pytest.mark.parametrize(
     "eplb, statuses, message",
     [
-        ({"policy": "flaky_policies:FlakyPolicy"}, ["failed", "failed", "adopt"], r"policy raised: .*boom from FlakyPolicy"),
+        ({"policy": "flaky_policies:FlakyPolicy"}, ["failed", "failed", "adopt"],
+         r"policy raised: .*boom from FlakyPolicy"),
         ({"policy": "flaky_policies:SleepyPolicy", "plan_timeout_s": 1.0}, ["failed"], r"timed out after 1 s"),
         ({"policy": "flaky_policies:SlotShufflePolicy"}, ["keep"], r"moves an expert between slots of a rank"),
     ],
     ids=["raises-invalid-then-plans", "hangs", "moves-within-a-rank"],
 )
-def test_a_failing_policy_keeps_the_placement_and_the_next_rebalance_runs(vllm_config, rejections, eplb, statuses, message):
+def test_a_failing_policy_keeps_the_placement_and_the_next_rebalance_runs(
+    vllm_config, rejections, eplb, statuses, message
+):
     rng = np.random.default_rng(11)
     table = default_table(2, 4, 3, 10)
     load = _load(rng, table, 10)
@@ -229,6 +233,7 @@ class _Group:
 def _consistency_rank(rank: int, world: int, where: str) -> str:
     from vllm_ascend.ascend_config import EplbConfig as AscendEplbConfig
     from vllm_ascend.eplb import eplb_updator
+
     from vllm_eplb_plugin.config import EplbConfig
 
     os.environ["DYNAMIC_EPLB"] = "true"
@@ -241,7 +246,9 @@ def _consistency_rank(rank: int, world: int, where: str) -> str:
     # The EPLB process runs our policy: the plugin is on (its worker is built by other tests).
     worker = SimpleNamespace(policy=PluginPolicy(EplbConfig(policy="deepseek")))
     process = SimpleNamespace(shared_dict={}, planner_q=queue.Queue(), block_update_q=queue.Queue(), worker=worker)
-    cfg = AscendEplbConfig({"dynamic_eplb": True, "expert_heat_collection_interval": 4, "algorithm_execution_interval": 2})
+    cfg = AscendEplbConfig(
+        {"dynamic_eplb": True, "expert_heat_collection_interval": 4, "algorithm_execution_interval": 2}
+    )
     updator = eplb_updator.EplbUpdator(cfg, SimpleNamespace(), process, SimpleNamespace(pid=0))
     updator.adaptor = SimpleNamespace(get_global_expert_map=lambda: maps.clone(),
                                       get_rank_expert_workload=lambda: torch.zeros(3, 3, dtype=torch.int64))

@@ -28,7 +28,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results[rank] = ("ok", fn(rank, world, *args))
-    except BaseException:  # reported to the parent, which raises
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results[rank] = ("error", traceback.format_exc())
     finally:
         dist.destroy_process_group()

@@ -5,10 +5,11 @@
 (shrunk) example. The policy runs in one long-lived child process
 (:class:`~vllm_eplb_plugin.planner.PolicyChild`, restarted only after it dies), with a
 deadline per case: a policy that exits, is killed, raises ``SystemExit`` or hangs fails
-the property that made it do so, and the run goes on with the next property. Cases cover: one layer, one slot per rank, no redundant slots, one
-rank, all-zero load, ties, one expert taking all load, huge loads, loads whose sum
-overflows float64, per-step series ``[T, L, R, K]``, shuffled starting tables, tables as
-engines hand them over (an expert twice on a rank, -1 padding) and ``max_move`` bounds.
+the property that made it do so, and the run goes on with the next property. Cases
+cover: one layer, one slot per rank, no redundant slots, one rank, all-zero load, ties,
+one expert taking all load, huge loads, loads whose sum overflows float64, per-step
+series ``[T, L, R, K]``, shuffled starting tables, tables as engines hand them over (an
+expert twice on a rank, -1 padding) and ``max_move`` bounds.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..moves import moved_within_rank, repair_table
-from ..planner import ChildFailure, Fault, PolicyChild
 from ..placement import InvalidExpertTable, changed_slots, default_table, num_experts_of, validate_table
+from ..planner import ChildFailure, Fault, PolicyChild
 from ..policy import EplbPolicy, PolicyConfig, PolicyResult
 from ..registry import load_policy_class
 
@@ -155,7 +156,9 @@ def prop_changed_flag(cls: type[EplbPolicy], case: Case, budget: float) -> None:
     """changed is True exactly when the new table differs from the current one."""
     result = _call(cls, case, budget)
     differs = bool(np.any(np.asarray(result.new_table) != case.table))
-    assert bool(result.changed) == differs, f"changed={result.changed} but the table {'differs' if differs else 'is equal'}"
+    assert bool(result.changed) == differs, (
+        f"changed={result.changed} but the table {'differs' if differs else 'is equal'}"
+    )
 
 
 def prop_deterministic(cls: type[EplbPolicy], case: Case, budget: float) -> None:
@@ -276,7 +279,7 @@ def check_case(cls: type[EplbPolicy], name: str, case: Case, budget: float) -> s
         PROPERTIES[name](cls, case, budget)
     except AssertionError as exc:
         return str(exc)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the policy's bug, reported
+    except (Exception, SystemExit) as exc:  # the policy's bug, reported
         frames = traceback.extract_tb(exc.__traceback__)
         what = f"raised SystemExit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
         return f"{what} (raised at {frames[-1].filename}:{frames[-1].lineno})"
@@ -394,7 +397,7 @@ def run_property(cls: type[EplbPolicy], name: str, examples: int = 100, time_bud
         check()
     except _ProcessFailed as exc:  # on the case that did it; not shrunk
         return Failure(name, str(exc), f"example: {seen[-1]!r}" if seen else "no example")
-    except Exception as exc:  # the property failed, or hypothesis itself: report, don't crash
+    except Exception as exc:  # noqa: BLE001 - the property failed, or hypothesis itself: report, don't crash
         error = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
         return Failure(name, error, f"minimal example: {seen[-1]!r}" if seen else "no example")
     return None

@@ -62,7 +62,8 @@ class PluginPolicy(AscendEplbPolicy):
             if np.ndim(expert_workload) == 3:  # one window: plan on [L, E]
                 heat = heat[0]
         except (InvalidExpertTable, ValueError) as exc:
-            logger.error("EPLB plugin: cannot plan on what vLLM Ascend handed over (%s); keeping the current placement", exc)
+            logger.error("EPLB plugin: cannot plan on what vLLM Ascend handed over (%s); keeping the current placement",
+                         exc)
             return False, np.arange(len(table), dtype=np.int64), table
         outcome = self._plan(table, heat)
         self.last_outcome = outcome
@@ -87,7 +88,8 @@ class PluginPolicy(AscendEplbPolicy):
 
             metrics = EplbMetrics.shared()  # in the EPLB process; multiprocess mode shows it
         if outcome.status is PlanStatus.FAILED:
-            logger.warning("EPLB plugin: policy %s failed, keeping the current placement: %s", self.name, outcome.summary)
+            logger.warning("EPLB plugin: policy %s failed, keeping the current placement: %s", self.name,
+                           outcome.summary)
             logger.debug("EPLB plugin: policy %s failed: %s", self.name, outcome.message)
             if metrics is not None:
                 metrics.failed()

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 
-def build_tiny_moe(path: str | os.PathLike, *, layers: int = 2, experts: int = 8, top_k: int = 2, seed: int = 0) -> Path:
+def build_tiny_moe(
+    path: str | os.PathLike, *, layers: int = 2, experts: int = 8, top_k: int = 2, seed: int = 0
+) -> Path:
     """Write a random Qwen3-MoE (``layers`` x ``experts``, top-``top_k``) to ``path``.
 
     head_dim 32: vLLM's CPU attention needs >= 32. No tokenizer: serve it with
@@ -95,7 +97,9 @@ class VllmServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vllm serve exited with {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}"
+                )
             if self.healthy():
                 return self
             time.sleep(1.0)
@@ -213,7 +217,8 @@ def run_demo(workdir: str | os.PathLike, *, port: int = 8765, requests: int = 32
         log = server.log_text()
     print(f"[demo] served {len(results)} requests, {tokens} tokens")
     routed = {k: v for k, v in got.items() if k.startswith("vllm:eplb_routed_tokens_total")}
-    print("[demo] /metrics:", ", ".join(f"{k.split('{')[1].rstrip('}')}: {v:.0f} assignments" for k, v in routed.items()))
+    print("[demo] /metrics:",
+          ", ".join(f"{k.split('{')[1].rstrip('}')}: {v:.0f} assignments" for k, v in routed.items()))
     for line in re.findall(r"EPLB(?: plan|: collecting).*", log):
         print(f"[demo] server log: {line}")
     if not record.exists():

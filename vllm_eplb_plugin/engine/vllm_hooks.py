@@ -33,7 +33,8 @@ TARGETS = (
     PatchTarget("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",)),
     PatchTarget("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", ("self", "input_ids", "positions")),
     PatchTarget(_V2_RUNNER, "GPUModelRunner.load_model", ("self",)),
-    PatchTarget("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter.set_capture_fn", ("self", "capture_fn")),
+    PatchTarget("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter.set_capture_fn",
+                ("self", "capture_fn")),
     # Not patched but implemented: our policy stands in for vLLM's behind this contract.
     PatchTarget("vllm.distributed.eplb.policy.abstract", "AbstractEplbPolicy.rebalance_experts",
                 ("weight", "num_replicas", "num_groups", "num_nodes", "num_ranks", "old_global_expert_indices")),

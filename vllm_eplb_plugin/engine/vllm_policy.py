@@ -79,7 +79,9 @@ def _start_table(old: np.ndarray | None, num_layers: int, num_ranks: int, slots:
     return start
 
 
-def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, num_ranks: int, slots: int) -> np.ndarray:
+def plan_or_keep(
+    policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, num_ranks: int, slots: int
+) -> np.ndarray:
     """Run ``policy`` on ``load [L, E]`` from ``old [L, R, K]`` (or vLLM's default
     placement); never raises inside vLLM's EplbState.
 
@@ -94,7 +96,9 @@ def plan_or_keep(policy: EplbPolicy, old: np.ndarray | None, load: np.ndarray, n
         logger.warning("EPLB plugin: keeping vLLM's map: %s", exc)
         if old is not None:
             return old
-        return np.tile(np.arange(num_ranks * slots) % num_experts, (num_layers, 1)).reshape(num_layers, num_ranks, slots)
+        return np.tile(np.arange(num_ranks * slots) % num_experts, (num_layers, 1)).reshape(
+            num_layers, num_ranks, slots
+        )
     try:
         result = policy.plan(start, load)
         return check_plan(start, result.new_table, num_experts)

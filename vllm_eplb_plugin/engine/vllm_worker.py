@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..config import EplbConfig, EplbConfigError
 from ..consistency import table_summary
@@ -69,7 +68,8 @@ def plan_path(vllm_config: Any, ascend: bool) -> str:
     if getattr(vllm_config, "use_v2_model_runner", False):
         raise EplbConfigError(
             "eplb: vLLM Ascend's model runner v2 (VLLM_USE_V2_MODEL_RUNNER=1) runs EPLB only through vLLM's "
-            "EplbState; pass --enable-eplb, or use the default runner with additional_config.eplb_config.dynamic_eplb=true."
+            "EplbState; pass --enable-eplb, or use the default runner with "
+            "additional_config.eplb_config.dynamic_eplb=true."
         )
     ascend_section = (vllm_config.additional_config or {}).get("eplb_config") or {}
     if not ascend_section.get("dynamic_eplb", False):

@@ -290,7 +290,7 @@ def pairing_search(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> np
     """
     counts = counts.copy()
     E = weight.shape[1]
-    for w, c in zip(weight, counts):  # rows of counts: updated in place
+    for w, c in zip(weight, counts, strict=True):  # rows of counts: updated in place
         while True:
             owner = np.repeat(np.arange(E), c)
             owner = owner[np.argsort(w[owner] / c[owner], kind="stable")]  # [2R], by replica size

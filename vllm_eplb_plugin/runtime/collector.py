@@ -41,7 +41,9 @@ class ExpertLoadCollector:
         if not isinstance(expert_num, int) or expert_num < 1:
             raise ValueError(f"ExpertLoadCollector: expert_num={expert_num!r} must be a positive int.")
         if not isinstance(lb_interval, int) or lb_interval < 1:
-            raise ValueError(f"ExpertLoadCollector: lb_interval={lb_interval!r} must be a positive int (calls per round).")
+            raise ValueError(
+                f"ExpertLoadCollector: lb_interval={lb_interval!r} must be a positive int (calls per round)."
+            )
         if window not in ("sum", "ema"):
             raise ValueError(f"ExpertLoadCollector: window={window!r} must be 'sum' or 'ema'.")
         self.expert_num, self.lb_interval = expert_num, lb_interval

@@ -114,7 +114,8 @@ class DynamicDispatcher:
         table = validate_table(np.asarray(table)[None], expert_num, name="DynamicDispatcher table")[0]
         if table.shape != (ep_size, slots):
             raise ValueError(
-                f"DynamicDispatcher: table has shape {list(table.shape)}; expected [ep_size, local_experts] = {[ep_size, slots]}."
+                f"DynamicDispatcher: table has shape {list(table.shape)}; "
+                f"expected [ep_size, local_experts] = {[ep_size, slots]}."
             )
         self.expert_num, self.rank, self.ep_size, self.group = expert_num, rank_in_group, ep_size, group
         self._control_arg = control_group
@@ -211,7 +212,7 @@ class DynamicDispatcher:
         gathered = verify_consistency_many(
             [d.table[None] for d in dispatchers], group, whats=[d.name for d in dispatchers], extra=staged
         )  # [W, B]
-        for d, column in zip(dispatchers, gathered.T):
+        for d, column in zip(dispatchers, gathered.T, strict=True):
             d.update_flag = bool((column == d.seq + 1).all())
 
     def _staged_seq(self) -> int:
@@ -243,7 +244,8 @@ class DynamicDispatcher:
         self.update_flag = False
         self._refresh_maps()
         return DispatcherUpdate(
-            self.weights[0], self.weights[1], self.local_expert_num, self.log2phy, self.expert_map, self.local_expert_list
+            self.weights[0], self.weights[1], self.local_expert_num, self.log2phy, self.expert_map,
+            self.local_expert_list,
         )
 
     # -- transfer side (the pool's worker thread) -----------------------------------------

@@ -53,7 +53,9 @@ class TransferPool:
     docstring). ``transfers`` lists what each applied plan moved: layer, round, remote
     fetches into this rank, seconds."""
 
-    def __init__(self, blocks: list[torch.nn.Module], rank: int, conn: Any, group: dist.ProcessGroup, device: Any) -> None:
+    def __init__(
+        self, blocks: list[torch.nn.Module], rank: int, conn: Any, group: dist.ProcessGroup, device: Any
+    ) -> None:
         self.collectors = [b.expert_load_collector for b in blocks]
         self.dispatchers = [b.dispatcher for b in blocks]
         self.rank, self.conn, self.group, self.device = rank, conn, group, device
@@ -117,7 +119,8 @@ class TransferPool:
                 self._events.put(recv(self.conn))
         except (EOFError, OSError) as exc:
             if not self._stopping.is_set():
-                logger.warning("rank %d: scheduler connection closed (%s); serving on the current tables", self.rank, exc)
+                logger.warning("rank %d: scheduler connection closed (%s); serving on the current tables",
+                               self.rank, exc)
                 self._events.put(_STOP)
 
     def _work(self) -> None:
@@ -149,7 +152,9 @@ class TransferPool:
         new = np.asarray(msg["table"], dtype=np.int64)
         new = validate_table(new[None], d.expert_num, name=f"scheduler's table for layer {layer}")[0]
         if new.shape[0] != d.ep_size:
-            raise ValueError(f"scheduler's table for layer {layer} has {new.shape[0]} ranks; the EP group has {d.ep_size}")
+            raise ValueError(
+                f"scheduler's table for layer {layer} has {new.shape[0]} ranks; the EP group has {d.ep_size}"
+            )
         while not d.wait_until_applied(timeout=0.5):  # the previous update must be swapped in first
             if self._stopping.is_set():
                 return

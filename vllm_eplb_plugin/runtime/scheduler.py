@@ -44,7 +44,15 @@ from ..planner import check_plan, review_plan
 from ..policy import PolicyConfig
 from ..registry import create_policy, resolve_policy_name
 from .protocol import (
-    MessageTooLarge, ProtocolError, encode, int_field, load_field, recv, resolve_auth_key, show, table_field,
+    MessageTooLarge,
+    ProtocolError,
+    encode,
+    int_field,
+    load_field,
+    recv,
+    resolve_auth_key,
+    show,
+    table_field,
 )
 
 logger = logging.getLogger("vllm_eplb_plugin.runtime")
@@ -95,7 +103,9 @@ class SchedulerConfig:
         if self.mode == "EX" and self.max_move is None:
             raise ValueError("--mode EX needs --max_move M (slots a plan may change per layer).")
         if self.mode != "EX" and self.max_move is not None:
-            raise ValueError(f"--max_move applies to --mode EX only; drop it or use --mode EX (got --mode {self.mode}).")
+            raise ValueError(
+                f"--max_move applies to --mode EX only; drop it or use --mode EX (got --mode {self.mode})."
+            )
         if self.max_move is not None and self.max_move < 0:
             raise ValueError(f"--max_move={self.max_move} must be >= 0.")
         if self.redundant < 0 or (self.expert_num + self.redundant) % self.world_size:
@@ -276,7 +286,7 @@ class Scheduler:
                     self._closed(peer)
                 else:
                     self._handle(peer, kind, payload)
-            except Exception:  # a bug met by one message must not stop the scheduler
+            except Exception:  # noqa: BLE001 - a bug met by one message must not stop the scheduler
                 self._log.warning("bug", "EPLB scheduler: handling a %s message from %s failed; message dropped",
                                   kind, peer.name, exc_info=True)
             finally:
@@ -338,11 +348,12 @@ class Scheduler:
             if peer.authenticate():
                 return True
             raise TimeoutError
-        except Exception as exc:  # EOFError, AuthenticationError, OSError, AssertionError: any of them
+        except Exception as exc:  # noqa: BLE001 - EOFError, AuthenticationError, OSError, AssertionError: any of them
             reason = (f"no handshake within {self.config.handshake_timeout:g} s" if peer.expired
                       else f"{type(exc).__name__}: {exc}")
             self._log.warning("handshake timeout" if peer.expired else f"handshake {type(exc).__name__}",
-                              "EPLB scheduler: rejected the connection from %s (%s); still accepting", peer.name, reason)
+                              "EPLB scheduler: rejected the connection from %s (%s); still accepting",
+                              peer.name, reason)
             return False
         finally:
             timer.cancel()
@@ -365,8 +376,9 @@ class Scheduler:
                     self._events.put((peer, "invalid", ("", str(exc))))
         except (EOFError, OSError):
             pass
-        except Exception:  # never leave the rank taken, whatever went wrong
-            self._log.warning("bug", "EPLB scheduler: reading from %s failed; connection closed", peer.name, exc_info=True)
+        except Exception:  # noqa: BLE001 - never leave the rank taken, whatever went wrong
+            self._log.warning("bug", "EPLB scheduler: reading from %s failed; connection closed", peer.name,
+                              exc_info=True)
         finally:
             peer.shutdown()
             peer.finish()  # stops the writer
@@ -459,7 +471,12 @@ class Scheduler:
         if self.tables is not None:  # a rank coming back: it must still hold what the others think
             current = self.tables[:, rank, :]
             if table.shape != current.shape or np.any(table != current):
-                return self._refuse(peer, f"hello: rank {rank} reconnects with a table that differs from its current one; restart all ranks", close=True, about="hello")
+                return self._refuse(
+                    peer,
+                    f"hello: rank {rank} reconnects with a table that differs from its current one; restart all ranks",
+                    close=True,
+                    about="hello",
+                )
             self._ranks[rank] = peer
             logger.info("EPLB scheduler: rank %d reconnected", rank)
             return self._send(peer, {"type": "init", "mode": cfg.mode, "table": self.tables.tolist()})
@@ -485,7 +502,8 @@ class Scheduler:
             return
         self.tables = table
         self._hellos.clear()
-        logger.info("EPLB scheduler: all %d ranks connected; starting table [L, R, K] = %s", cfg.world_size, list(table.shape))
+        logger.info("EPLB scheduler: all %d ranks connected; starting table [L, R, K] = %s", cfg.world_size,
+                    list(table.shape))
         self._broadcast({"type": "init", "mode": cfg.mode, "table": table.tolist()})
 
     def _load(self, rank: int, report: dict[str, Any]) -> None:
@@ -522,7 +540,8 @@ class Scheduler:
         # Rounds this rank has not reported can no longer complete: drop them all.
         dropped = len(self._pending)
         self._pending.clear()
-        logger.warning("EPLB scheduler: rank %d disconnected; dropped %d pending rounds; the others keep their tables", rank, dropped)
+        logger.warning("EPLB scheduler: rank %d disconnected; dropped %d pending rounds; the others keep their tables",
+                       rank, dropped)
 
     # -- planning -------------------------------------------------------------------------
 
@@ -538,7 +557,7 @@ class Scheduler:
             moved = int(changed_slots(old, new)[0])
             if cfg.max_move is not None and moved > cfg.max_move:
                 raise ValueError(f"the plan changes {moved} slots, more than --max_move={cfg.max_move}")
-        except Exception as exc:  # any policy failure keeps the table; the scheduler carries on
+        except Exception as exc:  # noqa: BLE001 - any policy failure keeps the table; the scheduler carries on
             reason = f"policy failed: {type(exc).__name__}: {exc}"
             logger.error("EPLB round %d layer %d: %s; ranks keep their table", rnd, layer, reason)
             return self._broadcast({"type": "keep", "round": rnd, "layer": layer, "reason": reason})

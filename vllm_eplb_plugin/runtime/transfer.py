@@ -76,8 +76,11 @@ def plan_transfers(old: np.ndarray, new: np.ndarray) -> TransferPlan:
 
 def _check_buffers(plan: TransferPlan, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
     if len(sources) != len(targets) or not sources:
-        raise ValueError(f"execute_transfers: {len(sources)} source and {len(targets)} target tensors; pass one of each per weight.")
-    for i, (src, dst) in enumerate(zip(sources, targets)):
+        raise ValueError(
+            f"execute_transfers: {len(sources)} source and {len(targets)} target tensors; "
+            "pass one of each per weight."
+        )
+    for i, (src, dst) in enumerate(zip(sources, targets, strict=True)):
         if src.shape[0] != plan.old_slots or dst.shape[0] != plan.new_slots or src.shape[1:] != dst.shape[1:]:
             raise ValueError(
                 f"execute_transfers: weight {i}: source {list(src.shape)} and target {list(dst.shape)} do not fit "
@@ -108,7 +111,7 @@ def execute_transfers(
     for n, (src, dst, _, src_slot, dst_slot) in enumerate(plan.remote.tolist()):
         if rank not in (src, dst):
             continue
-        for i, (source, target) in enumerate(zip(sources, targets)):
+        for i, (source, target) in enumerate(zip(sources, targets, strict=True)):
             tag = n * len(sources) + i  # one tag per message: pairs match whatever the backend's ordering
             if rank == src:
                 ops.append(dist.P2POp(dist.isend, source[src_slot], peer(dst), group, tag))
@@ -116,7 +119,7 @@ def execute_transfers(
                 ops.append(dist.P2POp(dist.irecv, target[dst_slot], peer(src), group, tag))
     works = dist.batch_isend_irecv(ops) if ops else []
     for src_slot, dst_slot in plan.local[plan.local[:, 0] == rank, 1:].tolist():
-        for source, target in zip(sources, targets):
+        for source, target in zip(sources, targets, strict=True):
             target[dst_slot].copy_(source[src_slot])
     for work in works:
         work.wait()
