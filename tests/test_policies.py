@@ -96,10 +96,11 @@ def test_replica_counts_chosen_for_packing_reach_the_optimum_with_few_experts():
     opt, sw = np.array(gaps["optimal"]), np.array(gaps["swift"])
     assert opt.min() >= 1 - 1e-9 and sw.min() >= 1 - 1e-9  # nothing beats exhaustive search
     # Measured: optimal exact on 11 of 12 layers, worst 0.27 % above (min-max counts
-    # alone: 2 exact, worst 2.4 %); swift, which keeps a repair within its 1 % slack of a
-    # fresh placement, 8 exact, worst 0.9 % (before: 0 exact, worst 2.9 %).
+    # alone: 2 exact, worst 2.4 %). swift takes the table that moves least among those
+    # within its 0.8 % target of the best it found, and keeps a repair within its 1 % slack:
+    # mean 0.25 %, worst 0.9 % above the optimum (min-max counts: none exact, worst 2.9 %).
     assert np.sum(opt <= 1 + 1e-9) >= 11 and opt.max() <= 1.003, opt.round(4)
-    assert np.sum(sw <= 1 + 1e-9) >= 7 and sw.max() <= 1.01, sw.round(4)
+    assert sw.max() <= 1.01 and sw.mean() <= 1.004, sw.round(4)
 
 
 def test_lower_bound_hand_checked():

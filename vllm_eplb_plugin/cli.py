@@ -154,7 +154,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{1e3 * float(record.get('policy_seconds', 0)):.1f} ms"
         )
         before, after = record.get("balancedness_before"), record.get("balancedness_after")
-        if before and after:
+        if isinstance(before, list) and isinstance(after, list) and before and len(before) == len(after):
             print(f"{'layer':>5} {'balancedness before':>19} {'-> after (predicted)':>20}")
             for l, (b, a) in enumerate(zip(before, after, strict=True)):
                 print(f"{l:>5} {b:>19.3f} {a:>20.3f}")

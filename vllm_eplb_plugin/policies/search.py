@@ -489,8 +489,8 @@ def table_for_counts(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> 
     return refine(separate_duplicates(table.reshape(X, num_ranks, K), weight), weight)
 
 
-def every_count_table(mean: np.ndarray, num_ranks: int, slots_per_rank: int,
-                      keep: int = 64) -> np.ndarray | None:
+def every_count_table(mean: np.ndarray, num_ranks: int, slots_per_rank: int, keep: int = 64,
+                      old: np.ndarray | None = None, tolerance: float = 0.0) -> np.ndarray | None:
     """Joint choice of replica counts and packing by trying count vectors: for small
     problems (:func:`count_vectors`), the ``keep`` most promising vectors per layer are
     packed (:func:`table_for_counts`) and the best table is kept; None when the count
@@ -498,10 +498,12 @@ def every_count_table(mean: np.ndarray, num_ranks: int, slots_per_rank: int,
 
     Promise is a bound for the counts: the rank holding the largest replica also holds
     ``K - 1`` replicas of other, distinct experts, at least the ``K - 1`` smallest, so no
-    table of those counts peaks below ``max(total / R, largest + those)``. On few experts the min-max counts are
-    often not the best for packing: splitting two small experts into fillers can beat a
-    third replica of a hot one (``tests/test_policies.py`` measures this against
-    exhaustive search). ``mean [L, E]`` -> ``[L, R, K]``.
+    table of those counts peaks below ``max(total / R, largest + those)``. On few experts
+    the min-max counts are often not the best for packing: splitting two small experts
+    into fillers can beat a third replica of a hot one (``tests/test_policies.py``
+    measures this against exhaustive search). With ``old [L, R, K]``, ranks are renumbered to match it and, of the
+    tables whose peak is within ``tolerance`` of the lowest, the one that moves the fewest
+    weights is kept. ``mean [L, E]`` -> ``[L, R, K]``.
     """
     L, E = mean.shape
     K = slots_per_rank
@@ -516,7 +518,24 @@ def every_count_table(mean: np.ndarray, num_ranks: int, slots_per_rank: int,
     rows = np.repeat(np.arange(L), best.shape[1])
     tables = table_for_counts(mean[rows], vectors[best.ravel()], num_ranks)  # [L * M, R, K]
     peak = rank_cost(tables, mean[rows]).max(axis=1).reshape(L, -1)
-    return tables.reshape(L, -1, num_ranks, K)[np.arange(L), peak.argmin(axis=1)]
+    if old is None:
+        pick = peak.argmin(axis=1)
+    else:  # the fewest moves among the tables within ``tolerance`` of the lowest peak
+        tables = align_ranks(old[rows], tables, E)
+        moves = _rank_moves(old[rows], tables, E).reshape(L, -1)
+        near = peak <= peak.min(axis=1, keepdims=True) * (1 + tolerance)
+        pick = np.where(near, moves, np.iinfo(np.int64).max).argmin(axis=1)
+    return tables.reshape(L, -1, num_ranks, K)[np.arange(L), pick]
+
+
+def _rank_moves(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
+    """Weights each table moves, ``[X]``: per rank, the experts of ``new [X, R, K]`` that
+    the same rank of ``old [X, R, K]`` does not hold (slots are kept, so no other slot moves)."""
+    X, R, _ = old.shape
+    held = np.zeros((X, R, num_experts), dtype=bool)
+    held[np.arange(X)[:, None, None], np.arange(R)[None, :, None], old] = True
+    kept = held[np.arange(X)[:, None, None], np.arange(R)[None, :, None], new]
+    return (~kept).reshape(X, -1).sum(axis=1)
 
 
 def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,

@@ -7,8 +7,10 @@ Repair: replica counts move to the min-max counts, each changed replica costing 
 lowers that rank's load by more than ``min_gain`` of the mean rank load, until the peak is
 within ``target`` of the lower bound (each swap moves two slots, so stopping there rather
 than at the last gain saves moves: suite steady moves 0.20 -> 0.17 at fit 0.99). The
-fresh placement is the ``optimal`` policy's (counts searched too where every count vector
-can be tried), with ranks renumbered to keep experts in place.
+fresh placement is the ``optimal`` policy's greedy start and swap search, with ranks
+renumbered to keep experts in place; where every replica-count vector can be tried (few
+experts), it is the table that moves least among those within ``target`` of the lowest
+peak over the most promising count vectors (``search.every_count_table``).
 Per layer, repair wins unless its peak is more than ``slack`` above the fresh one; this is
 what lets the policy converge from any start (a linear start needs the fresh placement
 once, every later update is a repair). The fresh placement is only computed for layers
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..policy import Option, PlacementPolicy
-from .search import COUNT_SPACE, count_space, fresh_table, rank_cost, recount, refine, replica_counts
+from .search import every_count_table, fresh_table, rank_cost, recount, refine, replica_counts
 
 __all__ = ["SwiftPolicy"]
 
@@ -52,9 +54,11 @@ class SwiftPolicy(PlacementPolicy):
         far = np.flatnonzero(peak > slack * bound)
         if far.size:
             # Where every replica-count vector can be tried (few experts), the fresh
-            # placement searches counts too: cheap there, and min-max counts pack badly.
-            small = count_space(expert_load.shape[1], R * K) <= COUNT_SPACE
-            fresh = fresh_table(table[far], expert_load[far], search_counts=small)
+            # placement tries them (min-max counts pack badly there) and, of the tables
+            # within ``target`` of the lowest peak, takes the one that moves least.
+            fresh = every_count_table(expert_load[far], R, K, old=table[far], tolerance=self.options["target"])
+            if fresh is None:
+                fresh = fresh_table(table[far], expert_load[far])
             use = peak[far] > slack * rank_cost(fresh, expert_load[far]).max(axis=1)
             target[far[use]] = fresh[use]
         return target
