@@ -370,14 +370,12 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
     t[freed] = -1
     # 2. Fill the freed slots, heaviest missing replica first.
     per_replica = mean / np.maximum(counts, 1)
-    deficit = np.maximum(counts - current, 0)  # [L, E]
-    needed = [np.repeat(np.arange(E), d) for d in deficit]
-    needed = [n[np.argsort(-per_replica[l, n], kind="stable")] for l, n in enumerate(needed)]
+    needed, missing = _missing_replicas(np.maximum(counts - current, 0), per_replica)  # [L, M], [L]
     holds = np.zeros((L, R, E + 1), dtype=bool)  # column E: an empty slot
     holds[np.arange(L)[:, None], slot_rank, np.where(t < 0, E, t)] = True
-    for j in range(max(map(len, needed))):
-        active = np.array([l for l in range(L) if j < len(needed[l])])
-        e = np.array([needed[l][j] for l in active])
+    for j in range(needed.shape[1]):
+        active = np.flatnonzero(missing > j)
+        e = needed[active, j]
         ok = (t[active] < 0) & ~holds[active[:, None], slot_rank, e[:, None]]  # [n, S]
         score = np.where(ok, load[active][:, slot_rank], np.inf)
         pick = score.argmin(axis=1)
@@ -389,6 +387,22 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
         if not placed.all():  # every freed slot's rank holds the expert (e.g. a linear start)
             _make_room(t, holds, load, per_replica, active[~placed], e[~placed], slot_rank)
     return t.reshape(L, R, K)
+
+
+def _missing_replicas(deficit: np.ndarray, per_replica: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The replicas each layer lacks, heaviest first: ``deficit [L, E]`` (replicas to add
+    per expert), ``per_replica [L, E]`` -> ``needed [L, M]`` (expert ids, padded with -1)
+    and ``missing [L]`` (how many of each row are real)."""
+    L, E = deficit.shape
+    flat = np.repeat(np.arange(L * E), deficit.ravel())  # one entry per missing replica
+    layer, expert = flat // E, flat % E
+    order = np.lexsort((-per_replica[layer, expert], layer))  # by layer, heaviest replica first
+    layer, expert = layer[order], expert[order]
+    missing = deficit.sum(axis=1)
+    starts = np.r_[0, np.cumsum(missing)[:-1]]
+    needed = np.full((L, int(missing.max(initial=0))), -1, dtype=np.int64)
+    needed[layer, np.arange(layer.size) - starts[layer]] = expert
+    return needed, missing
 
 
 def _make_room(t: np.ndarray, holds: np.ndarray, load: np.ndarray, per_replica: np.ndarray,
