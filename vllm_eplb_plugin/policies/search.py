@@ -84,12 +84,13 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
-        if not active.size:
+        cost = cost_of(rank_m[active], rank_v[active])  # [n, R]
+        above = cost.max(axis=1) > stop_at[active]  # layers already good enough are done
+        a, cost = active[above], cost[above]
+        if not a.size:
             break
-        a = active
         n = len(a)
         rows = np.arange(n)
-        cost = cost_of(rank_m[a], rank_v[a])  # [n, R]
         order = np.argsort(cost, axis=1, kind="stable")
         i, j = order[:, -1], order[:, :J]  # costliest rank [n], partner ranks [n, J]
         am = item_m[a, i][:, :, None, None]  # [n, K, 1, 1]
@@ -106,7 +107,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         bad = bad | holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # and vice versa
         peak = np.where(bad, np.inf, peak).reshape(n, -1)
         best = peak.argmin(axis=1)
-        take = (cost[rows, i] - peak[rows, best] > gain_floor[a]) & (cost[rows, i] > stop_at[a])
+        take = cost[rows, i] - peak[rows, best] > gain_floor[a]
         k, jj, kj = np.unravel_index(best[take], (K, J, K))
         _swap(t, item_m, item_v, rank_m, rank_v, holds, a[take], i[take], k, j[take, jj], kj)
         active = a[take]
