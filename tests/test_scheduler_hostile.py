@@ -327,10 +327,15 @@ def drain():
         pass
 threading.Thread(target=drain, daemon=True).start()
 results = [[0, "open"], [0, "open"]]
-threads = [threading.Thread(target=flood, args=(c, r)) for c, r in zip((reader, deaf), results)]
+# Daemon threads: a sender the scheduler no longer reads (back-pressure) stays blocked in
+# send_bytes past the deadline, which is what back-pressure means; it must not hang us.
+threads = [threading.Thread(target=flood, args=(c, r), daemon=True) for c, r in zip((reader, deaf), results)]
 for t in threads: t.start()
-for t in threads: t.join()
-print(results)
+for t, r in zip(threads, results):
+    t.join(timeout=seconds + 2)
+    if t.is_alive():
+        r[1] = "blocked"
+print(results, flush=True)
 """
 
 

@@ -76,7 +76,9 @@ def _expected_assignments(results):
 def test_compiled_server_counts_exact_heat_records_plans_and_keeps_greedy_tokens(model, tmp_path):
     record = tmp_path / "record.json"
     config = {"eplb": {
-        "num_redundant_experts": 2, "expert_heat_collection_interval": 8, "algorithm_execution_interval": 16,
+        # 48 steps (~0.35 s of decode here) for a plan: the planner child shares the 2 cores
+        # with two TP workers that keep them busy, so a 5 ms plan can take 100+ ms of wall time.
+        "num_redundant_experts": 2, "expert_heat_collection_interval": 8, "algorithm_execution_interval": 48,
         "expert_map_record_path": str(record),
     }}
     with _serve(model, tmp_path, "compiled-on", additional_config=config, eager=False) as server:
@@ -114,7 +116,7 @@ def test_restart_from_record_and_a_misbehaving_policy_keeps_serving(model, tmp_p
     new_record = tmp_path / "record2.json"
     config = {"eplb": {
         "expert_map_path": str(record), "policy": "flaky_policies:FlakyPolicy",
-        "expert_heat_collection_interval": 4, "algorithm_execution_interval": 16,
+        "expert_heat_collection_interval": 4, "algorithm_execution_interval": 48,
         "expert_map_record_path": str(new_record), "heat_collection_stage": "decode",
     }}
     with _serve(model, tmp_path, "flaky", additional_config=config, env={"PYTHONPATH": HELPERS}) as server:

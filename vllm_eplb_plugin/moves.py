@@ -122,7 +122,7 @@ def separate_duplicates(table: np.ndarray, expert_load: np.ndarray) -> np.ndarra
     """
     out = table.copy()
     srt = np.sort(out, axis=-1)
-    for l in np.unique(np.nonzero(srt[..., 1:] == srt[..., :-1])[0]):
+    for l in np.flatnonzero((srt[..., 1:] == srt[..., :-1]).any(axis=(1, 2))):
         out[l] = _separate_layer(out[l], expert_load[l])
     return out
 

@@ -212,6 +212,10 @@ class PolicyChild:
         # The child must import this package the way the parent did (editable installs,
         # PYTHONPATH set by tests): hand it the parent's sys.path.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # One BLAS / OpenMP thread: the child shares the cores with the serving engine, and
+        # a thread pool that spins on busy cores turned a 10 ms plan into > 150 ms in a
+        # TP=2 vLLM serve on 2 cores (the plans are small; threads only add contention).
+        env.update({var: "1" for var in _THREAD_VARS})
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_eplb_plugin.planner"],
             stdin=subprocess.PIPE,
@@ -361,6 +365,9 @@ class PolicyChild:
                 pass
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _policy_handler(config: dict) -> Callable[[tuple[np.ndarray, np.ndarray]], tuple]:
     """In the planner child: build the policy once; each request is ``(table [L, R, K],
     heat [L, E] | [T, L, E])``, planned through ``EplbPolicy.plan``."""
@@ -496,7 +503,19 @@ class Planner:
             self._child = None
 
 
+def _unpin() -> None:
+    """Let the child run on every CPU. It inherits the serving process's affinity, and
+    vLLM's CPU workers pin themselves to their cores (TP rank 0 to core 0): pinned there,
+    next to a worker that keeps its core busy, a 15 ms plan ran past 48 decode steps."""
+    if hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        except OSError:  # a cpuset that forbids it: stay where the parent put us
+            pass
+
+
 def _child_main() -> None:
+    _unpin()
     # Our protocol owns the real stdout; anything the policy prints goes to stderr.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -536,10 +536,11 @@ def every_count_table(mean: np.ndarray, num_ranks: int, slots_per_rank: int, kee
     if old is None:
         pick = peak.argmin(axis=1)
     else:  # the fewest moves among the tables within ``tolerance`` of the lowest peak
-        tables = align_ranks(old[rows], tables, E)
-        moves = _rank_moves(old[rows], tables, E).reshape(L, -1)
-        near = peak <= peak.min(axis=1, keepdims=True) * (1 + tolerance)
-        pick = np.where(near, moves, np.iinfo(np.int64).max).argmin(axis=1)
+        near = (peak <= peak.min(axis=1, keepdims=True) * (1 + tolerance)).ravel()
+        tables[near] = align_ranks(old[rows[near]], tables[near], E)  # only those can be picked
+        moves = np.full(rows.size, np.iinfo(np.int64).max)
+        moves[near] = _rank_moves(old[rows[near]], tables[near], E)
+        pick = moves.reshape(L, -1).argmin(axis=1)
     return tables.reshape(L, -1, num_ranks, K)[np.arange(L), pick]
 
 
