@@ -20,7 +20,8 @@ from ..placement import logcnt
 from .deepseek import deepseek_phy2log, pack, replicate
 
 __all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "swap_pairs", "pairing_counts",
-           "pairing_search", "pair_table", "recount", "align_ranks", "fresh_table"]
+           "pairing_search", "pair_table", "recount", "align_ranks", "count_space", "count_vectors",
+           "table_for_counts", "every_count_table", "fresh_table"]
 
 
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
