@@ -113,8 +113,8 @@ def test_keep_a_plan_that_improves_nothing_leaves_every_table():
     "eplb, message",
     [
         ({"policy": "flaky_policies:RaisingPolicy"}, "policy raised: Traceback"),
-        ({"policy": "flaky_policies:SleepyPolicy", "algorithm_execution_interval": 3},
-         "no plan within algorithm_execution_interval=3 steps"),
+        ({"policy": "flaky_policies:SleepyPolicy", "algorithm_execution_interval": 3, "plan_timeout_s": 0.5},
+         "policy timed out after 0.5 s (plan_timeout_s); the child was restarted"),
     ],
     ids=["raises", "too-slow"],
 )
@@ -125,6 +125,21 @@ def test_a_failed_plan_keeps_every_table_and_is_counted(eplb, message):
         np.testing.assert_array_equal(rank["table"], rank["start"])
     assert out[0]["status"] == "failed" and message in out[0]["message"]
     assert out[0]["failures"] == 1 and out[1]["failures"] == 0
+
+
+def test_a_late_plan_is_waited_for_at_the_interval_not_dropped():
+    # The policy needs 0.4 s; 3 steps of the loop take ~30 ms. The loop blocks on the plan
+    # at step 3 after the window, so it lands then, on every rank, with nothing lost.
+    eplb = {"policy": "flaky_policies:LatePolicy", "algorithm_execution_interval": 3}
+    out = run_gloo(_run_loop, 3, args=(eplb, None, None, 2000))
+    table, heat = out[0]["start"], out[0]["heat"]
+    planned = create_policy("deepseek").rebalance_experts(table, expert_to_slot_load(table, heat)).new_table
+    expected, layers, _ = review_plan(table, planned, heat)
+    assert layers, "the case must change a layer"
+    for rank in out:
+        assert rank["plans"] == 1 and rank["steps"] == INTERVAL + 3  # decided at the interval, in lockstep
+        np.testing.assert_array_equal(rank["table"], expected)
+    assert out[0]["status"] == "adopt" and out[0]["failures"] == 0
 
 
 def test_ranks_that_counted_different_heat_skip_the_plan():
@@ -162,10 +177,11 @@ def _run_until_adopted(rank: int, world: int, eplb: dict, marker: str, max_steps
 
 
 def test_a_restarted_planner_child_catches_up_with_short_intervals(tmp_path):
-    # The policy takes 0.8 s to build and hangs on its first call: that plan fails after 3
-    # steps (~30 ms) and the child is killed. Its replacement needs 0.8 s before it can
-    # plan; were that counted against the 3-step interval, every later plan would fail too.
-    eplb = {"policy": "flaky_policies:SlowStartHangOncePolicy", "algorithm_execution_interval": 3}
+    # The policy takes 0.8 s to build and hangs on its first call: after 3 steps the loop
+    # blocks on that plan, which fails at plan_timeout_s, and the child is killed. Its
+    # replacement needs 0.8 s before it can plan; the next plan waits for it and lands.
+    eplb = {"policy": "flaky_policies:SlowStartHangOncePolicy", "algorithm_execution_interval": 3,
+            "plan_timeout_s": 0.5}
     out = run_gloo(_run_until_adopted, 3, args=(eplb, str(tmp_path / "marker"), 1500))
     assert [rank["plans"] for rank in out] == [1, 1, 1]
     assert out[0]["failures"] == 1 and out[0]["steps"] < 1500

@@ -76,9 +76,9 @@ def _expected_assignments(results):
 def test_compiled_server_counts_exact_heat_records_plans_and_keeps_greedy_tokens(model, tmp_path):
     record = tmp_path / "record.json"
     config = {"eplb": {
-        # 48 steps (~0.35 s of decode here) for a plan: the planner child shares the 2 cores
-        # with two TP workers that keep them busy, so a 5 ms plan can take 100+ ms of wall time.
-        "num_redundant_experts": 2, "expert_heat_collection_interval": 8, "algorithm_execution_interval": 48,
+        # The planner child shares the 2 cores with two busy TP workers: a 5 ms plan can take
+        # 100+ ms of wall time, and then the loop blocks on it at step 16 of its window.
+        "num_redundant_experts": 2, "expert_heat_collection_interval": 8, "algorithm_execution_interval": 16,
         "expert_map_record_path": str(record),
     }}
     with _serve(model, tmp_path, "compiled-on", additional_config=config, eager=False) as server:
@@ -89,7 +89,7 @@ def test_compiled_server_counts_exact_heat_records_plans_and_keeps_greedy_tokens
         log = server.log_text()
     # Compiled mode warms up with dummy runs; none of them counted (checked above).
     assert "Warming up model for the compilation" in log
-    assert got['vllm:eplb_plans_total{outcome="applied"}'] >= 1, log[-3000:]
+    assert got.get('vllm:eplb_plans_total{outcome="applied"}', 0) >= 1, log[-3000:]
     plan_lines = re.findall(
         r"EPLB plan \d+ \(step \d+\): (\d+)/2 layers changed, balancedness ([\d.]+) -> ([\d.]+)", log
     )
@@ -116,7 +116,7 @@ def test_restart_from_record_and_a_misbehaving_policy_keeps_serving(model, tmp_p
     new_record = tmp_path / "record2.json"
     config = {"eplb": {
         "expert_map_path": str(record), "policy": "flaky_policies:FlakyPolicy",
-        "expert_heat_collection_interval": 4, "algorithm_execution_interval": 48,
+        "expert_heat_collection_interval": 4, "algorithm_execution_interval": 16,
         "expert_map_record_path": str(new_record), "heat_collection_stage": "decode",
     }}
     with _serve(model, tmp_path, "flaky", additional_config=config, env={"PYTHONPATH": HELPERS}) as server:

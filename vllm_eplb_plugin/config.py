@@ -66,7 +66,8 @@ class EplbConfig:
     expert_heat_collection_interval: int = field(default=600, metadata=_int(1, 10_000_000))
     """Forward steps of heat collected between two plans."""
     algorithm_execution_interval: int = field(default=50, metadata=_int(1, 1_000_000))
-    """Forward steps the loop waits for a plan before it applies it or gives up."""
+    """Forward steps a plan may take off the forward path; past them the forward loop blocks
+    on it (at most ``plan_timeout_s``), so a plan lands by this step however loaded the host."""
     heat_collection_stage: str = field(default="all", metadata={"choices": ("all", "prefill", "decode")})
     """Which steps count towards heat: all, prefill-only or decode-only."""
     heat_window: str = field(default="sum", metadata={"choices": ("sum", "ema", "steps")})
@@ -78,8 +79,8 @@ class EplbConfig:
     """Steps kept by the ring buffer of ``heat_window="steps"``."""
     plan_timeout_s: float = field(default=30.0, metadata={"kind": "float", "min": 0.0, "max": 86400.0})
     """Seconds one policy run may take before it is killed and the current table kept.
-    On vLLM Ascend the forward loop blocks on the plan once ``algorithm_execution_interval``
-    steps have passed, so this bounds that stall."""
+    The forward loop blocks on a plan once ``algorithm_execution_interval`` steps have
+    passed (on vLLM and on vLLM Ascend), so this bounds that stall."""
     expert_map_path: str | None = None
     """Expert map (vLLM Ascend JSON) to start from; must exist and be valid."""
     expert_map_record_path: str | None = None

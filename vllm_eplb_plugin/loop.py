@@ -10,8 +10,9 @@ after every forward step, on every rank of the group (all ranks run the same ste
 2. rank 0 hands ``(table, heat)`` to the :class:`~.planner.Planner` child, off the
    forward path;
 3. each following step rank 0 broadcasts the plan's :class:`~.planner.PlanStatus`, or
-   "wait"; after ``algorithm_execution_interval`` steps without one it fails the plan
-   and restarts the child;
+   "wait"; once ``algorithm_execution_interval`` steps have passed without one, rank 0
+   blocks on the plan (at most ``plan_timeout_s``, as vLLM Ascend's forward loop does), so
+   a plan lands by that step whatever the machine's load, and a hung policy is killed;
 4. ``ADOPT``: the new table is broadcast, the current one verified across ranks, and
    every rank adopts it; rank 0 records it to ``expert_map_record_path`` and reports it.
    ``KEEP`` and ``FAILED`` keep the table, with one log line.
@@ -24,6 +25,7 @@ use :class:`~.planner.Planner` / :func:`~.planner.review_plan` directly.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Protocol
 
 import numpy as np
@@ -150,21 +152,21 @@ class PlanningLoop:
                 self.observer.failed()
 
     def _poll_plan(self) -> PlanOutcome | None:
-        """Rank 0: the reviewed outcome if the planner has one, or a failure once
-        ``algorithm_execution_interval`` steps have passed without one; else None."""
+        """Rank 0: the reviewed outcome if the planner has one; once
+        ``algorithm_execution_interval`` steps have passed, the outcome after blocking for
+        it (the planner bounds that by ``plan_timeout_s``); else None."""
         assert self.planner is not None and self.pending_steps is not None
         outcome = self.planner.poll()
-        if outcome is None and not self.planner.ready:
-            # A (re)starting child (0.3-0.6 s of imports) is bounded by the planner's own
-            # start-up limit: counting it against a short interval would kill every new
-            # child before it is ready, and no plan would ever get through.
-            self.pending_steps = 0
-        if outcome is None and self.pending_steps >= self.config.algorithm_execution_interval:
-            self.planner.close()  # a policy this slow may be stuck: kill it,
-            self.planner.warm()  # and have a fresh child ready for the next interval
-            interval = self.config.algorithm_execution_interval
-            return PlanOutcome(0, PlanStatus.FAILED, self.table,
-                               message=f"no plan within algorithm_execution_interval={interval} steps")
+        if outcome is not None or self.pending_steps < self.config.algorithm_execution_interval:
+            return outcome
+        # Dropping a late plan would lose it to load alone (a busy machine starves the
+        # child), and the next one would be as late: wait for it, and say so.
+        start = time.monotonic()
+        outcome = self.planner.wait()
+        assert outcome is not None  # a plan is in flight: wait() always ends it
+        logger.warning("EPLB: the plan was not ready after algorithm_execution_interval=%d steps; "
+                       "the forward loop waited %.0f ms for it", self.config.algorithm_execution_interval,
+                       (time.monotonic() - start) * 1e3)
         return outcome
 
     def _adopt(self, new: np.ndarray, load: np.ndarray, outcome: PlanOutcome | None) -> None:

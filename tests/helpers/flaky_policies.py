@@ -33,6 +33,18 @@ class SleepyPolicy(EplbPolicy):
         return PolicyResult(0, np.arange(len(current_expert_table)), current_expert_table)
 
 
+class LatePolicy(EplbPolicy):
+    """Plans like DeepSeek after 0.4 s: far past a 3-step interval of 10 ms steps."""
+
+    name = "late"
+
+    def rebalance_experts(self, current_expert_table, expert_workload):
+        from vllm_eplb_plugin.policies.deepseek import DeepSeekPolicy
+
+        time.sleep(0.4)
+        return DeepSeekPolicy(self.config).rebalance_experts(current_expert_table, expert_workload)
+
+
 class FlakyPolicy(EplbPolicy):
     """Raises, then returns an invalid table, then plans like DeepSeek: a server using it
     must log both failures and keep serving."""
