@@ -88,18 +88,47 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     does not copy weights between slots of one rank for nothing.
     """
     L, R, K = new.shape
+    if _has_duplicates(old) or _has_duplicates(new):
+        return _preserve_slots_pairwise(old, new)
+    # Membership per (layer, rank, expert): O(L R K) work where pairwise matching is O(L R K^2).
+    E = int(max(old.max(initial=0), new.max(initial=0))) + 1
+    li, ri = np.arange(L)[:, None, None], np.arange(R)[None, :, None]
+    in_new = np.zeros((L, R, E), dtype=bool)
+    in_new[li, ri, new] = True
+    in_old = np.zeros((L, R, E), dtype=bool)
+    in_old[li, ri, old] = True
+    stays = in_new[li, ri, old]  # [L, R, K]: old slots whose expert the rank keeps
+    comes = ~in_old[li, ri, new]  # [L, R, K]: new entries the rank did not hold
+    out = np.where(stays, old, -1)
+    _fill_free(out, new, ~stays, comes)
+    return out
+
+
+def _has_duplicates(table: np.ndarray) -> bool:
+    srt = np.sort(table, axis=-1)
+    return bool((srt[..., 1:] == srt[..., :-1]).any())
+
+
+def _fill_free(out: np.ndarray, new: np.ndarray, free: np.ndarray, comes: np.ndarray) -> None:
+    """Write the newcomers of ``new`` (``comes``) into the ``free`` slots of ``out`` in
+    order (all ``[L, R, K]``; as many of one as of the other per rank)."""
+    K = out.shape[-1]
+    free_slots = np.argsort(~free, axis=-1, kind="stable")  # free slots first, in order
+    newcomers = np.argsort(~comes, axis=-1, kind="stable")
+    use = np.arange(K) < comes.sum(axis=-1, keepdims=True)  # [L, R, K]
+    li, ri, j = np.nonzero(use)
+    out[li, ri, free_slots[li, ri, j]] = new[li, ri, newcomers[li, ri, j]]
+
+
+def _preserve_slots_pairwise(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """:func:`preserve_slots` for tables holding an expert twice on a rank: each new entry
+    keeps the first old slot of its expert."""
     match = new[..., :, None] == old[..., None, :]  # [L, R, K_new, K_old]
     kept = match.any(axis=-1)  # [L, R, K_new]
     out = np.full_like(new, -1)
     li, ri, ki = np.nonzero(kept)
     out[li, ri, match[li, ri, ki].argmax(axis=-1)] = new[li, ri, ki]
-    # Newcomers fill the free slots in order: stable sorts put free slots / newcomers first.
-    free_slots = np.argsort(out != -1, axis=-1, kind="stable")
-    newcomers = np.argsort(kept, axis=-1, kind="stable")
-    n_new = (~kept).sum(axis=-1, keepdims=True)
-    use = np.arange(K) < n_new  # [L, R, K]
-    li, ri, j = np.nonzero(use)
-    out[li, ri, free_slots[li, ri, j]] = new[li, ri, newcomers[li, ri, j]]
+    _fill_free(out, new, out == -1, ~kept)
     return out
 
 

@@ -50,7 +50,11 @@ def _items(table: np.ndarray, mean: np.ndarray, var: np.ndarray) -> tuple[np.nda
 
 def rank_cost(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
     """Cost of every rank ``[L, R]``: ``mean + z * sqrt(var)`` of the load it carries."""
-    item_m, item_v = _items(table, mean, mean * 0 if var is None else var)
+    if var is None or z == 0:
+        L = table.shape[0]
+        per = mean / np.maximum(logcnt(table, mean.shape[1]), 1)
+        return np.take_along_axis(per, table.reshape(L, -1), axis=1).reshape(table.shape).sum(axis=-1)
+    item_m, item_v = _items(table, mean, var)
     return item_m.sum(axis=-1) + z * np.sqrt(item_v.sum(axis=-1))
 
 
@@ -74,39 +78,51 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     t = table.copy()
     L, R, K = t.shape
     E = mean.shape[1]
-    var = np.zeros_like(mean) if var is None else var
-    item_m, item_v = _items(t, mean, var)
-    rank_m, rank_v = item_m.sum(axis=-1), item_v.sum(axis=-1)
+    # Variances only when they count (z != 0): they double the bookkeeping of a swap.
+    item_m, item_v = _items(t, mean, np.zeros_like(mean) if var is None else var)
+    if z == 0:
+        item_v = None
+    rank_m = item_m.sum(axis=-1)
+    rank_v = None if item_v is None else item_v.sum(axis=-1)
     holds = np.zeros((L, R, E), dtype=bool)
     holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
     stop_at = np.broadcast_to(np.asarray(good_enough, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
     cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
+    rank_cost_of = (lambda rows: rank_m[rows]) if z == 0 else (lambda rows: cost_of(rank_m[rows], rank_v[rows]))
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
-        cost = cost_of(rank_m[active], rank_v[active])  # [n, R]
+        cost = rank_cost_of(active)  # [n, R]
         above = cost.max(axis=1) > stop_at[active]  # layers already good enough are done
         a, cost = active[above], cost[above]
         if not a.size:
             break
         n = len(a)
         rows = np.arange(n)
-        order = np.argsort(cost, axis=1, kind="stable")
-        i, j = order[:, -1], order[:, :J]  # costliest rank [n], partner ranks [n, J]
+        i = cost.argmax(axis=1)  # costliest rank [n]
+        others = cost.copy()
+        others[rows, i] = np.inf
+        j = np.argpartition(others, J - 1, axis=1)[:, :J]  # partner ranks [n, J]: the J least costly
         am = item_m[a, i][:, :, None, None]  # [n, K, 1, 1]
         jm = item_m[a[:, None], j][:, None]  # [n, 1, J, K]
-        new_i = rank_m[a, i][:, None, None, None] - am + jm
-        new_j = rank_m[a[:, None], j][:, None, :, None] - jm + am
+        # A swap is invalid where rank i already holds the partner's expert or the partner
+        # holds i's: +inf on the small operands, so the full [n, K, J, K] arrays take three
+        # operations (the step's cost on large tables).
+        ea, ej = t[a, i], t[a[:, None], j]  # [n, K], [n, J, K]
+        i_has = holds[a, i][rows[:, None, None], ej][:, None]  # [n, 1, J, K]
+        j_has = holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # [n, K, J, 1]
         if z:  # the variance terms only when they count: they double the work of a step
             av, jv = item_v[a, i][:, :, None, None], item_v[a[:, None], j][:, None]
-            new_i = cost_of(new_i, rank_v[a, i][:, None, None, None] - av + jv)
-            new_j = cost_of(new_j, rank_v[a[:, None], j][:, None, :, None] - jv + av)
-        peak = np.maximum(new_i, new_j)  # [n, K, J, K]
-        ea, ej = t[a, i], t[a[:, None], j]  # [n, K], [n, J, K]
-        bad = holds[a, i][rows[:, None, None], ej][:, None]  # rank i already holds the partner's expert
-        bad = bad | holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # and vice versa
-        peak = np.where(bad, np.inf, peak).reshape(n, -1)
+            new_i = cost_of(rank_m[a, i][:, None, None, None] - am + jm, rank_v[a, i][:, None, None, None] - av + jv)
+            new_j = cost_of(rank_m[a[:, None], j][:, None, :, None] - jm + am,
+                            rank_v[a[:, None], j][:, None, :, None] - jv + av)
+            peak = np.where(i_has | j_has, np.inf, np.maximum(new_i, new_j))
+        else:
+            new_i = (rank_m[a, i][:, None, None, None] - am) + np.where(i_has, np.inf, jm)
+            new_j = (rank_m[a[:, None], j][:, None, :, None] - jm) + np.where(j_has, np.inf, am)
+            peak = np.maximum(new_i, new_j, out=new_i)  # [n, K, J, K]
+        peak = peak.reshape(n, -1)
         best = peak.argmin(axis=1)
         take = cost[rows, i] - peak[rows, best] > gain_floor[a]
         k, jj, kj = np.unravel_index(best[take], (K, J, K))
@@ -117,12 +133,13 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
 
 def _swap(t, item_m, item_v, rank_m, rank_v, holds, l, ri, k, rj, kj) -> None:
     """Swap slot ``(ri, k)`` with ``(rj, kj)`` in layers ``l`` (all ``[m]``, distinct
-    layers), updating the per-slot, per-rank and holds bookkeeping in place."""
+    layers), updating the per-slot, per-rank and holds bookkeeping in place (the
+    variances only where ``item_v`` is not None)."""
     x, y = t[l, ri, k], t[l, rj, kj]
     t[l, ri, k], t[l, rj, kj] = y, x
     holds[l, ri, x] = holds[l, rj, y] = False
     holds[l, ri, y] = holds[l, rj, x] = True
-    for item, rank in ((item_m, rank_m), (item_v, rank_v)):
+    for item, rank in ((item_m, rank_m), (item_v, rank_v))[:1 if item_v is None else 2]:
         u, w = item[l, ri, k], item[l, rj, kj]
         item[l, ri, k], item[l, rj, kj] = w, u
         rank[l, ri] += w - u
@@ -358,15 +375,15 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
     load = rank_cost(table, mean)  # [L, R]
     # 1. Free the surplus: per (layer, expert), its slots on the most loaded ranks first.
     surplus = np.maximum(current - counts, 0)  # [L, E]
-    lay = np.repeat(np.arange(L), R * K)
-    exp, slot_load = t.ravel(), load[:, slot_rank].ravel()
+    lay, col = np.nonzero(np.take_along_axis(surplus, t, axis=1) > 0)  # only slots of experts with a surplus
+    exp, slot_load = t[lay, col], load[lay, slot_rank[col]]
     order = np.lexsort((-slot_load, exp, lay))  # grouped by (layer, expert), hottest rank first
     key = lay[order] * E + exp[order]
     first = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
     nth = np.arange(order.size) - np.repeat(first, np.diff(np.r_[first, order.size]))
-    freed = np.zeros(L * R * K, dtype=bool)
-    freed[order] = nth < surplus.ravel()[key]
-    freed = freed.reshape(L, R * K)
+    freed = np.zeros((L, R * K), dtype=bool)
+    keep = nth < surplus.ravel()[key]
+    freed[lay[order[keep]], col[order[keep]]] = True
     rows, cols = np.nonzero(freed)
     load[rows, slot_rank[cols]] -= (mean / np.maximum(current, 1))[rows, t[rows, cols]]
     t[freed] = -1
@@ -375,14 +392,20 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
     needed, missing = _missing_replicas(np.maximum(counts - current, 0), per_replica)  # [L, M], [L]
     holds = np.zeros((L, R, E + 1), dtype=bool)  # column E: an empty slot
     holds[np.arange(L)[:, None], slot_rank, np.where(t < 0, E, t)] = True
+    # Candidates are the freed slots only ([L, M], in slot order, padded with slot 0):
+    # as many as replicas are missing, far fewer than all slots.
+    per_layer = np.bincount(rows, minlength=L)
+    freed_slots = np.zeros((L, needed.shape[1]), dtype=np.int64)
+    freed_slots[rows, np.arange(rows.size) - np.repeat(np.cumsum(per_layer) - per_layer, per_layer)] = cols
     for j in range(needed.shape[1]):
         active = np.flatnonzero(missing > j)
         e = needed[active, j]
-        ok = (t[active] < 0) & ~holds[active[:, None], slot_rank, e[:, None]]  # [n, S]
-        score = np.where(ok, load[active][:, slot_rank], np.inf)
+        slots = freed_slots[active]  # [n, M]
+        ok = (t[active[:, None], slots] < 0) & ~holds[active[:, None], slot_rank[slots], e[:, None]]
+        score = np.where(ok, load[active[:, None], slot_rank[slots]], np.inf)
         pick = score.argmin(axis=1)
         placed = np.isfinite(score[np.arange(len(active)), pick])
-        pl, pe, ps = active[placed], e[placed], pick[placed]
+        pl, pe, ps = active[placed], e[placed], slots[placed, pick[placed]]
         t[pl, ps] = pe
         holds[pl, slot_rank[ps], pe] = True
         load[pl, slot_rank[ps]] += per_replica[pl, pe]
