@@ -88,6 +88,26 @@ def test_preserve_slots_keeps_experts_in_place():
         assert sorted(out[l, r]) == sorted(new[l, r])
 
 
+@pytest.mark.parametrize("duplicates, padded", [(False, False), (True, False), (False, True)],
+                         ids=["distinct", "an-expert-twice-on-a-rank", "old-padded-with-minus-1"])
+def test_preserve_slots_on_random_tables_keeps_every_rank_and_every_staying_slot(duplicates, padded):
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        L, R, K = (int(x) for x in rng.integers(1, 5, size=3))
+        E = K + int(rng.integers(0, 5))
+        old, new = (rng.integers(0, E, size=(L, R, K)) if duplicates else
+                    np.stack([[rng.choice(E, K, replace=False) for _ in range(R)] for _ in range(L)])
+                    for _ in range(2))
+        if padded:  # vLLM's elastic EP pads an old table with -1
+            old = np.where(rng.random(old.shape) < 0.3, -1, old)
+        out = preserve_slots(old, new)
+        for l, r in itertools.product(range(L), range(R)):
+            assert sorted(out[l, r]) == sorted(new[l, r])  # the rank holds what the plan says
+            if not duplicates:  # each expert the rank keeps stays in its old slot
+                for k in np.flatnonzero(np.isin(old[l, r], new[l, r])):
+                    assert out[l, r, k] == old[l, r, k]
+
+
 def test_separate_duplicates_swaps_with_an_equal_load_replica():
     table = np.array([[[0, 0, 1], [2, 3, 4]]])
     load = np.array([[10.0, 5.0, 3.0, 5.0, 1.0]])

@@ -88,8 +88,8 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     does not copy weights between slots of one rank for nothing.
     """
     L, R, K = new.shape
-    if _has_duplicates(old) or _has_duplicates(new):
-        return _preserve_slots_pairwise(old, new)
+    if old.min(initial=0) < 0 or _has_duplicates(old) or _has_duplicates(new):  # -1 padding or an expert twice
+        return _preserve_slots_multiset(old, new)
     # Membership per (layer, rank, expert): O(L R K) work where pairwise matching is O(L R K^2).
     E = int(max(old.max(initial=0), new.max(initial=0))) + 1
     li, ri = np.arange(L)[:, None, None], np.arange(R)[None, :, None]
@@ -120,15 +120,18 @@ def _fill_free(out: np.ndarray, new: np.ndarray, free: np.ndarray, comes: np.nda
     out[li, ri, free_slots[li, ri, j]] = new[li, ri, newcomers[li, ri, j]]
 
 
-def _preserve_slots_pairwise(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """:func:`preserve_slots` for tables holding an expert twice on a rank: each new entry
-    keeps the first old slot of its expert."""
-    match = new[..., :, None] == old[..., None, :]  # [L, R, K_new, K_old]
-    kept = match.any(axis=-1)  # [L, R, K_new]
+def _preserve_slots_multiset(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """:func:`preserve_slots` for tables holding an expert twice on a rank or padded with
+    -1 (rare: engines' tables, never a validated plan), rank by rank: an old slot keeps its expert while the
+    new rank still holds an unplaced copy of it."""
     out = np.full_like(new, -1)
-    li, ri, ki = np.nonzero(kept)
-    out[li, ri, match[li, ri, ki].argmax(axis=-1)] = new[li, ri, ki]
-    _fill_free(out, new, out == -1, ~kept)
+    for l, r in np.ndindex(*new.shape[:2]):
+        left = list(new[l, r])
+        for k, e in enumerate(old[l, r]):
+            if e in left:
+                out[l, r, k] = e
+                left.remove(e)
+        out[l, r, out[l, r] == -1] = left
     return out
 
 
