@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["vllm_eplb_plugin", "vllm_eplb_plugin.*"]),
     install_requires=["numpy>=1.24"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.6"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.8.6", "mypy==2.4.1"],
         "bench": ["matplotlib>=3.7", "scipy", "numba"],
         "conformance": ["pytest>=8", "hypothesis>=6.100"],
         # The hooks bind vLLM 0.32 internals and vLLM Ascend 0.23.0.post1's EPLB; start-up

@@ -98,6 +98,7 @@ def cpu_group_for(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     if cpu_backend_of(dist.get_backend_config(group)) is not None:
         return group
     key = group if group is not None else dist.group.WORLD
+    assert key is not None  # the default group exists once torch.distributed is initialised
     twin = _cpu_twins.get(key)
     if twin is None:
         twin = dist.new_group(ranks=group_ranks(group), backend="gloo")

@@ -119,6 +119,7 @@ class HeatCounter:
             self.weight[:num_rows].fill_(1)
         if not self.traced:
             flat = self._flat_ones if real_rows is None else self.weight.view(-1)
+            assert flat is not None  # untraced counters keep _flat_ones
             self._step_weights = flat[: num_rows * self.top_k]
 
     def count(self, layer: int, topk_ids: torch.Tensor) -> None:

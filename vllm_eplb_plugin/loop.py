@@ -133,12 +133,14 @@ class PlanningLoop:
             code[0] = _STATUSES.index(outcome.status)
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         dist.broadcast(code, src=src, group=self.group)
-        if code.item() == _WAIT:
+        index = int(code.item())
+        if index == _WAIT:
             return
-        status = _STATUSES[code.item()]
+        status = _STATUSES[index]
         load, self.pending_steps, self.pending_load = self.pending_load, None, None
         self.last = outcome
         if status is PlanStatus.ADOPT:
+            assert load is not None  # set with the plan in flight
             new = (torch.from_numpy(outcome.new_table) if outcome is not None
                    else torch.empty(self.table.shape, dtype=torch.int64))
             dist.broadcast(new, src=src, group=self.group)

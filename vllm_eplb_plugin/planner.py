@@ -32,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import Any, BinaryIO, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 
@@ -99,16 +99,16 @@ def review_plan(old: np.ndarray, new: np.ndarray, expert_load: np.ndarray) -> tu
     return table, layers, note
 
 
-def _write_frame(stream: BinaryIO, seq: int, obj: Any) -> None:
+def _write_frame(stream: IO[bytes], seq: int, obj: Any) -> None:
     _write_raw(stream, seq, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _write_raw(stream: BinaryIO, seq: int, data: bytes) -> None:
+def _write_raw(stream: IO[bytes], seq: int, data: bytes) -> None:
     stream.write(_HEADER.pack(len(data), seq) + data)
     stream.flush()
 
 
-def _read_raw(stream: BinaryIO) -> tuple[int, bytes]:
+def _read_raw(stream: IO[bytes]) -> tuple[int, bytes]:
     """One frame's request id and its still pickled payload, so that a payload the reader
     cannot unpickle is reported for its request and leaves the stream in step."""
     header = stream.read(_HEADER.size)
@@ -121,7 +121,7 @@ def _read_raw(stream: BinaryIO) -> tuple[int, bytes]:
     return seq, data
 
 
-def _read_frame(stream: BinaryIO) -> tuple[int, Any]:
+def _read_frame(stream: IO[bytes]) -> tuple[int, Any]:
     seq, data = _read_raw(stream)
     return seq, pickle.loads(data)
 
@@ -335,6 +335,7 @@ class PolicyChild:
 
     def _read_loop(self) -> None:
         stream = self._proc.stdout
+        assert stream is not None  # Popen(stdout=PIPE)
         try:
             while True:
                 seq, data = _read_raw(stream)
@@ -353,6 +354,7 @@ class PolicyChild:
 
     def _write_loop(self) -> None:
         stream = self._proc.stdin
+        assert stream is not None  # Popen(stdin=PIPE)
         try:
             while (item := self._requests.get()) is not None:
                 _write_raw(stream, *item)
@@ -373,8 +375,8 @@ def _policy_handler(config: dict) -> Callable[[tuple[np.ndarray, np.ndarray]], t
     heat [L, E] | [T, L, E])``, planned through ``EplbPolicy.plan``."""
     from .registry import create_policy
 
-    config = EplbConfig(**config)
-    policy = create_policy(config.policy, config.policy_config())
+    settings = EplbConfig(**config)
+    policy = create_policy(settings.policy, settings.policy_config())
     return lambda request: tuple(policy.plan(*request))
 
 
@@ -541,7 +543,7 @@ def _child_main() -> None:
         _reply(out, seq, kind, result, time.perf_counter() - start)
 
 
-def _reply(out: BinaryIO, seq: int, kind: str, payload: Any, seconds: float) -> None:
+def _reply(out: IO[bytes], seq: int, kind: str, payload: Any, seconds: float) -> None:
     try:
         data = pickle.dumps((kind, payload, seconds), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - e.g. a lambda in the result

@@ -65,13 +65,13 @@ def pack(weight: np.ndarray, num_packs: int, labels: np.ndarray | None = None) -
     order = np.argsort(-weight, axis=1, kind="stable")
     pack_w = np.zeros((X, num_packs))
     pack_n = np.zeros((X, num_packs), dtype=np.int64)
-    holds = np.zeros((X, num_packs, n), dtype=bool) if labels is not None else None  # [X, packs, label]
+    holds = np.zeros((X, num_packs, n if labels is not None else 0), dtype=bool)  # [X, packs, label]
     pack_of = np.empty((X, n), dtype=np.int64)
     rank_in_pack = np.empty((X, n), dtype=np.int64)
     for j in range(n):
         item = order[:, j]
         open_w = np.where(pack_n < cap, pack_w, np.inf)
-        if holds is not None:
+        if labels is not None:
             label = labels[rows, item]
             avoid = np.where(holds[rows, :, label], np.inf, open_w)
             open_w = np.where(np.isfinite(avoid).any(axis=1, keepdims=True), avoid, open_w)
@@ -80,7 +80,7 @@ def pack(weight: np.ndarray, num_packs: int, labels: np.ndarray | None = None) -
         rank_in_pack[rows, item] = pack_n[rows, p]
         pack_w[rows, p] += weight[rows, item]
         pack_n[rows, p] += 1
-        if holds is not None:
+        if labels is not None:
             holds[rows, p, label] = True
     return pack_of, rank_in_pack
 

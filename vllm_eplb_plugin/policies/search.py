@@ -78,12 +78,9 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     t = table.copy()
     L, R, K = t.shape
     E = mean.shape[1]
-    # Variances only when they count (z != 0): they double the bookkeeping of a swap.
     item_m, item_v = _items(t, mean, np.zeros_like(mean) if var is None else var)
-    if z == 0:
-        item_v = None
-    rank_m = item_m.sum(axis=-1)
-    rank_v = None if item_v is None else item_v.sum(axis=-1)
+    rank_m, rank_v = item_m.sum(axis=-1), item_v.sum(axis=-1)
+    swapped_v = item_v if z else None  # variances only when they count: they double a swap's bookkeeping
     holds = np.zeros((L, R, E), dtype=bool)
     holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
@@ -126,7 +123,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         best = peak.argmin(axis=1)
         take = cost[rows, i] - peak[rows, best] > gain_floor[a]
         k, jj, kj = np.unravel_index(best[take], (K, J, K))
-        _swap(t, item_m, item_v, rank_m, rank_v, holds, a[take], i[take], k, j[take, jj], kj)
+        _swap(t, item_m, swapped_v, rank_m, rank_v, holds, a[take], i[take], k, j[take, jj], kj)
         active = a[take]
     return t
 
