@@ -446,3 +446,40 @@ def test_a_failing_accept_is_logged_and_accepting_goes_on(caplog):
         assert _warnings(caplog, "EPLB scheduler: accept failed ([Errno 24] Too many open files); still accepting")
     finally:
         sched.stop()
+
+
+# -- 6: connections that pile up or go silent after the handshake -----------------------------
+
+def test_authenticated_connections_beyond_two_per_rank_are_refused_and_room_comes_back(start, caplog):
+    caplog.set_level(logging.WARNING, "vllm_eplb_plugin.runtime")
+    sched = start(2)  # two ranks: room for four connections
+    port = sched.config.port
+    held = [_within(3, lambda: connect("127.0.0.1", port, KEY)) for _ in range(4)]  # authenticated, never say hello
+    _eventually(lambda: len(sched._peers) == 4)
+    extra = _within(3, lambda: connect("127.0.0.1", port, KEY))
+    refused = _within(3, lambda: recv(extra))
+    assert refused == {"type": "error", "message": "4 connections are open already (2 per rank of world_size=2); "
+                                                   "close unused ones"}
+    with pytest.raises(EOFError):
+        _within(3, lambda: recv(extra))
+    assert _warnings(caplog, "EPLB scheduler: refused 127.0.0.1:")
+    held.pop().close()  # one leaves: a rank gets in again
+    _eventually(lambda: len(sched._peers) == 3)
+    conn, _ = _rank(sched, 0, 2)
+    _eventually(lambda: len(sched._peers) == 4)
+    for c in held + [conn, extra]:
+        c.close()
+
+
+def test_every_connection_has_tcp_keepalive_so_a_vanished_host_frees_its_rank(start):
+    sched = start()
+    conn, init = _rank(sched)
+    assert init["type"] == "init"
+    (peer,) = _eventually(lambda: list(sched._peers))
+    with socket.socket(fileno=os.dup(peer.conn.fileno())) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        idle, interval, count = scheduler_module.KEEPALIVE
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == interval
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == count
+    conn.close()

@@ -18,7 +18,9 @@ or hangs up mid-handshake holds up no one; every field of every message is check
 use (:mod:`.protocol`); each connection may have at most :data:`MAX_QUEUED` messages waiting
 for the planning thread (then its reader stops reading and TCP pushes back on the sender)
 and :data:`MAX_OUTBOX` messages waiting to be written (then it is disconnected: it does not
-read); refusals are logged at most once a second.
+read); at most two authenticated connections per rank are open at once (more are told so
+and closed); TCP keepalive (:data:`KEEPALIVE`) drops a connection whose host vanished;
+refusals are logged at most once a second.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ LISTEN_BACKLOG = 128
 ranks starting together were dropped and retried for minutes)."""
 MAX_HANDSHAKES = 64
 """Handshakes in progress at once; more connections wait in the backlog."""
+KEEPALIVE = (30, 10, 3)
+"""TCP keepalive on every connection: first probe after 30 s idle, then every 10 s, drop
+after 3 unanswered. A rank whose host vanished (no FIN, no RST) frees its rank and threads
+within about a minute instead of never."""
 MAX_QUEUED = 16
 """Messages of one connection waiting for the planning thread; its reader then waits."""
 MAX_OUTBOX = 1024
@@ -167,6 +173,19 @@ class _RateLimitedLog:
         logger.warning(fmt, *args, exc_info=exc_info)
 
 
+def _keep_alive(conn: Connection) -> None:
+    """Turn on TCP keepalive (:data:`KEEPALIVE`) for ``conn``'s socket."""
+    idle, interval, count = KEEPALIVE
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+                if hasattr(socket, name):  # Linux; elsewhere the system's timings apply
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:  # the peer is gone already: its handshake fails next
+        pass
+
+
 class _Peer:
     """One connection: its socket, the reader's credit (at most :data:`MAX_QUEUED` messages
     queued for the planning thread) and the writer's outbox (at most :data:`MAX_OUTBOX`).
@@ -258,6 +277,7 @@ class Scheduler:
         self._peers: set[_Peer] = set()
         self._peers_lock = threading.Lock()
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.max_peers = 2 * config.world_size  # each rank, and its reconnect while the old connection drains
         self._ranks: dict[int, _Peer] = {}
         self._hellos: dict[int, np.ndarray] = {}  # rank -> [L, K0], until init
         self._pending: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (round, layer) -> rank -> [E]
@@ -321,6 +341,7 @@ class Scheduler:
             if self._stop.is_set():
                 conn.close()
                 return
+            _keep_alive(conn)
             peer = _Peer(conn, self.listener.last_accepted)
             threading.Thread(target=self._connection, args=(peer,), name="eplb-conn", daemon=True).start()
 
@@ -333,7 +354,17 @@ class Scheduler:
         if not authenticated:
             return peer.release()
         with self._peers_lock:
-            self._peers.add(peer)
+            full = len(self._peers) >= self.max_peers
+            if not full:
+                self._peers.add(peer)
+        if full:  # each holds two threads: a key holder that reconnects in a loop must not pile them up
+            message = (f"{self.max_peers} connections are open already (2 per rank of world_size="
+                       f"{self.config.world_size}); close unused ones")
+            self._log.warning("too many peers", "EPLB scheduler: refused %s: %s", peer.name, message)
+            threading.Thread(target=self._write_loop, args=(peer,), name="eplb-writer", daemon=True).start()
+            peer.send({"type": "error", "message": message})
+            peer.finish()  # the writer sends it, then shuts the socket down
+            return peer.release()
         threading.Thread(target=self._write_loop, args=(peer,), name="eplb-writer", daemon=True).start()
         self._read_loop(peer)
 
