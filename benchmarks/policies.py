@@ -169,9 +169,10 @@ def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
         except InvalidExpertTable:
             invalid += 1
         window = trace[w].sum(axis=0)
-        fit.append(float(np.mean(lower_bound(window, shape.ranks, shape.slots) / rank_load(new, window).max(axis=1))))
+        peak = rank_load(new, window).max(axis=1)  # [L]
+        fit.append(float(np.mean(lower_bound(window, shape.ranks, shape.slots) / peak)))
         moves.append(float(changed_slots(table, new).mean() / shape.slots))
-        above = rank_load(table, window) > rank_load(new, window).max(axis=1, keepdims=True) * (1 + 1e-9)  # [L, R]
+        above = rank_load(table, window) > peak[:, None] * (1 + 1e-9)  # [L, R]
         floor.append(float(above.sum(axis=1).mean() / shape.slots))
         realized.append(float(step_imbalance(new, trace[w + 1]).mean()))
         table = new

@@ -88,7 +88,7 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     does not copy weights between slots of one rank for nothing.
     """
     L, R, K = new.shape
-    if old.min(initial=0) < 0 or _has_duplicates(old) or _has_duplicates(new):  # -1 padding or an expert twice
+    if old.min(initial=0) < 0 or _duplicate_layers(old).any() or _duplicate_layers(new).any():  # -1 or a repeat
         return _preserve_slots_multiset(old, new)
     # Membership per (layer, rank, expert): O(L R K) work where pairwise matching is O(L R K^2).
     E = int(max(old.max(initial=0), new.max(initial=0))) + 1
@@ -104,9 +104,10 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return out
 
 
-def _has_duplicates(table: np.ndarray) -> bool:
+def _duplicate_layers(table: np.ndarray) -> np.ndarray:
+    """``[L]`` bool: the layers of ``table [L, R, K]`` where a rank holds an expert twice."""
     srt = np.sort(table, axis=-1)
-    return bool((srt[..., 1:] == srt[..., :-1]).any())
+    return (srt[..., 1:] == srt[..., :-1]).any(axis=(1, 2))
 
 
 def _fill_free(out: np.ndarray, new: np.ndarray, free: np.ndarray, comes: np.ndarray) -> None:
@@ -153,8 +154,7 @@ def separate_duplicates(table: np.ndarray, expert_load: np.ndarray) -> np.ndarra
     array out. Greedy packers produce duplicates only on ties (e.g. all-zero load).
     """
     out = table.copy()
-    srt = np.sort(out, axis=-1)
-    for l in np.flatnonzero((srt[..., 1:] == srt[..., :-1]).any(axis=(1, 2))):
+    for l in np.flatnonzero(_duplicate_layers(out)):
         out[l] = _separate_layer(out[l], expert_load[l])
     return out
 

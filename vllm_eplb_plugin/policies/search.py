@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ..moves import separate_duplicates
-from ..placement import logcnt
+from ..placement import logcnt, rank_load
 from .deepseek import deepseek_phy2log, pack, replicate
 
 __all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replicas", "swap_pairs", "pairing_counts",
@@ -51,9 +51,7 @@ def _items(table: np.ndarray, mean: np.ndarray, var: np.ndarray) -> tuple[np.nda
 def rank_cost(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
     """Cost of every rank ``[L, R]``: ``mean + z * sqrt(var)`` of the load it carries."""
     if var is None or z == 0:
-        L = table.shape[0]
-        per = mean / np.maximum(logcnt(table, mean.shape[1]), 1)
-        return np.take_along_axis(per, table.reshape(L, -1), axis=1).reshape(table.shape).sum(axis=-1)
+        return rank_load(table, mean)
     item_m, item_v = _items(table, mean, var)
     return item_m.sum(axis=-1) + z * np.sqrt(item_v.sum(axis=-1))
 
@@ -86,11 +84,12 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
     stop_at = np.broadcast_to(np.asarray(good_enough, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
-    cost_of = (lambda m, v: m) if z == 0 else (lambda m, v: m + z * np.sqrt(np.maximum(v, 0)))
-    rank_cost_of = (lambda rows: rank_m[rows]) if z == 0 else (lambda rows: cost_of(rank_m[rows], rank_v[rows]))
+    def cost_of(m: np.ndarray, v: np.ndarray) -> np.ndarray:  # used only where z != 0
+        return m + z * np.sqrt(np.maximum(v, 0))
+
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
-        cost = rank_cost_of(active)  # [n, R]
+        cost = rank_m[active] if z == 0 else cost_of(rank_m[active], rank_v[active])  # [n, R]
         above = cost.max(axis=1) > stop_at[active]  # layers already good enough are done
         a, cost = active[above], cost[above]
         if not a.size:

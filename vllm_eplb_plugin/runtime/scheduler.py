@@ -357,16 +357,16 @@ class Scheduler:
             full = len(self._peers) >= self.max_peers
             if not full:
                 self._peers.add(peer)
-        if full:  # each holds two threads: a key holder that reconnects in a loop must not pile them up
-            message = (f"{self.max_peers} connections are open already (2 per rank of world_size="
-                       f"{self.config.world_size}); close unused ones")
-            self._log.warning("too many peers", "EPLB scheduler: refused %s: %s", peer.name, message)
-            threading.Thread(target=self._write_loop, args=(peer,), name="eplb-writer", daemon=True).start()
-            peer.send({"type": "error", "message": message})
-            peer.finish()  # the writer sends it, then shuts the socket down
-            return peer.release()
         threading.Thread(target=self._write_loop, args=(peer,), name="eplb-writer", daemon=True).start()
-        self._read_loop(peer)
+        if not full:
+            return self._read_loop(peer)
+        # Each connection holds two threads: a key holder reconnecting in a loop must not pile them up.
+        message = (f"{self.max_peers} connections are open already (2 per rank of world_size="
+                   f"{self.config.world_size}); close unused ones")
+        self._log.warning("too many peers", "EPLB scheduler: refused %s: %s", peer.name, message)
+        peer.send({"type": "error", "message": message})
+        peer.finish()  # the writer sends it, then shuts the socket down
+        peer.release()
 
     def _handshake(self, peer: _Peer) -> bool:
         """multiprocessing's HMAC challenge both ways, within ``handshake_timeout`` seconds."""
