@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,68 +79,126 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     E = mean.shape[1]
     item_m, item_v = _items(t, mean, np.zeros_like(mean) if var is None else var)
     rank_m, rank_v = item_m.sum(axis=-1), item_v.sum(axis=-1)
-    swapped_v = item_v if z else None  # variances only when they count: they double a swap's bookkeeping
     holds = np.zeros((L, R, E), dtype=bool)
     holds[np.arange(L)[:, None, None], np.arange(R)[None, :, None], t] = True
+    # Flat views: one integer index per gather is the cheapest fancy indexing numpy has,
+    # and a step is mostly gathers on small arrays.
+    book = _Book(t.reshape(L * R, K), item_m.reshape(L * R, K), rank_m.ravel(), holds.reshape(-1), E,
+                 item_v.reshape(L * R, K) if z else None, rank_v.ravel() if z else None)
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
     stop_at = np.broadcast_to(np.asarray(good_enough, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
-    def cost_of(m: np.ndarray, v: np.ndarray) -> np.ndarray:  # used only where z != 0
-        return m + z * np.sqrt(np.maximum(v, 0))
-
+    best_swap = _best_swap_plain if z == 0 else functools.partial(_best_swap_risk, z=z)
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
-        cost = rank_m[active] if z == 0 else cost_of(rank_m[active], rank_v[active])  # [n, R]
+        cost = rank_m[active] if z == 0 else rank_m[active] + z * np.sqrt(np.maximum(rank_v[active], 0))  # [n, R]
         above = cost.max(axis=1) > stop_at[active]  # layers already good enough are done
         a, cost = active[above], cost[above]
         if not a.size:
             break
-        n = len(a)
-        rows = np.arange(n)
+        rows = np.arange(len(a))
         i = cost.argmax(axis=1)  # costliest rank [n]
         others = cost.copy()
         others[rows, i] = np.inf
         j = np.argpartition(others, J - 1, axis=1)[:, :J]  # partner ranks [n, J]: the J least costly
-        am = item_m[a, i][:, :, None, None]  # [n, K, 1, 1]
-        jm = item_m[a[:, None], j][:, None]  # [n, 1, J, K]
-        # A swap is invalid where rank i already holds the partner's expert or the partner
-        # holds i's: +inf on the small operands, so the full [n, K, J, K] arrays take three
-        # operations (the step's cost on large tables).
-        ea, ej = t[a, i], t[a[:, None], j]  # [n, K], [n, J, K]
-        i_has = holds[a, i][rows[:, None, None], ej][:, None]  # [n, 1, J, K]
-        j_has = holds[a[:, None, None], j[:, None, :], ea[:, :, None]][..., None]  # [n, K, J, 1]
-        if z:  # the variance terms only when they count: they double the work of a step
-            av, jv = item_v[a, i][:, :, None, None], item_v[a[:, None], j][:, None]
-            new_i = cost_of(rank_m[a, i][:, None, None, None] - am + jm, rank_v[a, i][:, None, None, None] - av + jv)
-            new_j = cost_of(rank_m[a[:, None], j][:, None, :, None] - jm + am,
-                            rank_v[a[:, None], j][:, None, :, None] - jv + av)
-            peak = np.where(i_has | j_has, np.inf, np.maximum(new_i, new_j))
-        else:
-            new_i = (rank_m[a, i][:, None, None, None] - am) + np.where(i_has, np.inf, jm)
-            new_j = (rank_m[a[:, None], j][:, None, :, None] - jm) + np.where(j_has, np.inf, am)
-            peak = np.maximum(new_i, new_j, out=new_i)  # [n, K, J, K]
-        peak = peak.reshape(n, -1)
-        best = peak.argmin(axis=1)
-        take = cost[rows, i] - peak[rows, best] > gain_floor[a]
-        k, jj, kj = np.unravel_index(best[take], (K, J, K))
-        _swap(t, item_m, swapped_v, rank_m, rank_v, holds, a[take], i[take], k, j[take, jj], kj)
+        hot, cold = a * R + i, a[:, None] * R + j  # flat rank ids [n], [n, J]
+        peak, k, jj, kj = best_swap(book, hot, cold)
+        take = cost[rows, i] - peak > gain_floor[a]
+        book.swap(hot[take], k[take], cold[take, jj[take]], kj[take])
         active = a[take]
     return t
 
 
-def _swap(t, item_m, item_v, rank_m, rank_v, holds, l, ri, k, rj, kj) -> None:
-    """Swap slot ``(ri, k)`` with ``(rj, kj)`` in layers ``l`` (all ``[m]``, distinct
-    layers), updating the per-slot, per-rank and holds bookkeeping in place (the
-    variances only where ``item_v`` is not None)."""
-    x, y = t[l, ri, k], t[l, rj, kj]
-    t[l, ri, k], t[l, rj, kj] = y, x
-    holds[l, ri, x] = holds[l, rj, y] = False
-    holds[l, ri, y] = holds[l, rj, x] = True
-    for item, rank in ((item_m, rank_m), (item_v, rank_v))[:1 if item_v is None else 2]:
-        u, w = item[l, ri, k], item[l, rj, kj]
-        item[l, ri, k], item[l, rj, kj] = w, u
-        rank[l, ri] += w - u
-        rank[l, rj] += u - w
+class _Book(NamedTuple):
+    """What :func:`refine` keeps per slot and rank, as flat views it updates in place:
+    ``table, item_m [L * R, K]``, ``rank_m [L * R]``, ``holds [L * R * E]`` (rank ``q``
+    holds expert ``e`` at ``q * E + e``), and the variances (None where they do not count)."""
+
+    table: np.ndarray
+    item_m: np.ndarray
+    rank_m: np.ndarray
+    holds: np.ndarray
+    num_experts: int
+    item_v: np.ndarray | None
+    rank_v: np.ndarray | None
+
+    def can_swap(self, hot: np.ndarray, cold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which swaps keep every rank free of duplicates: ``i_ok [n, J, K]`` (rank ``hot
+        [n]`` lacks the partner's expert) and ``j_ok [n, K, J]`` (partner ``cold [n, J]``
+        lacks the hot rank's expert)."""
+        E = self.num_experts
+        i_ok = ~self.holds[(hot * E)[:, None, None] + self.table[cold]]
+        j_ok = ~self.holds[(cold * E)[:, None, :] + self.table[hot][:, :, None]]
+        return i_ok, j_ok
+
+    def swap(self, p: np.ndarray, k: np.ndarray, q: np.ndarray, kq: np.ndarray) -> None:
+        """Swap slot ``k`` of rank ``p`` with slot ``kq`` of rank ``q`` (flat rank ids, all
+        ``[m]``, at most one swap per layer), updating every record."""
+        E = self.num_experts
+        x, y = self.table[p, k], self.table[q, kq]
+        self.table[p, k], self.table[q, kq] = y, x
+        self.holds[p * E + x] = self.holds[q * E + y] = False
+        self.holds[p * E + y] = self.holds[q * E + x] = True
+        for item, rank in ((self.item_m, self.rank_m), (self.item_v, self.rank_v)):
+            if item is not None and rank is not None:
+                u, w = item[p, k], item[q, kq]
+                item[p, k], item[q, kq] = w, u
+                rank[p] += w - u
+                rank[q] += u - w
+
+
+BIG = 1e300
+"""Stands for an impossible swap's load in :func:`_best_swap_plain` (finite, so that
+differences of two impossible terms stay ordered instead of turning into nan)."""
+
+
+def _best_swap_plain(book: _Book, hot: np.ndarray, cold: np.ndarray):
+    """Best swap between rank ``hot [n]`` and one of ``cold [n, J]`` on plain loads.
+
+    Moving ``d = a - b`` (a replica ``a`` out of the hot rank, ``b`` in) leaves the pair's
+    larger load at ``max(H - d, C + d) = (H + C) / 2 + |a - (b + (H - C) / 2)|``, so per
+    partner the best swap is the closest pair of two short lists: the ``[J, K, K]`` grid
+    of every layer takes a subtraction, an absolute value and a minimum per partner. The
+    grid is laid out ``[J, K, K, n]`` (layers last) so that every operand is contiguous
+    along the long axis: with the short ``K`` last, numpy's per-row overhead was most of
+    a step. Returns the peak ``[n]`` and the swap: hot slot ``k``, partner index ``jj``
+    and partner slot ``kj`` (each ``[n]``).
+    """
+    n, J = cold.shape
+    K = book.item_m.shape[1]
+    H, C = book.rank_m[hot], book.rank_m[cold]  # [n], [n, J]
+    i_ok, j_ok = book.can_swap(hot, cold)
+    give = np.where(j_ok, book.item_m[hot][:, :, None], BIG).transpose(2, 1, 0)  # [J, K, n]
+    take = np.where(i_ok, book.item_m[cold] + ((H[:, None] - C) / 2)[:, :, None], -BIG).transpose(1, 2, 0)  # [J, K, n]
+    grid = np.subtract(np.ascontiguousarray(give)[:, :, None], np.ascontiguousarray(take)[:, None])  # [J, K, K, n]
+    np.abs(grid, out=grid)
+    grid = grid.reshape(J, K * K, n)
+    score = grid.min(axis=1) + ((H[:, None] + C) / 2).T  # [J, n]: each partner's best peak
+    jj = score.argmin(axis=0)
+    cols = np.arange(n)
+    k, kj = np.divmod(grid[jj, :, cols].argmin(axis=1), K)
+    return score[jj, cols], k, jj, kj
+
+
+def _best_swap_risk(book: _Book, hot: np.ndarray, cold: np.ndarray, z: float):
+    """:func:`_best_swap_plain` on the cost ``mean + z * sqrt(var)``, which has no such
+    shortcut: both ranks' costs on the full ``[n, K, J, K]`` grid."""
+    assert book.item_v is not None and book.rank_v is not None
+    n, J = cold.shape
+    K = book.item_m.shape[1]
+    i_ok, j_ok = book.can_swap(hot, cold)
+
+    def cost(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return m + z * np.sqrt(np.maximum(v, 0))
+
+    am, av = book.item_m[hot][:, :, None, None], book.item_v[hot][:, :, None, None]  # [n, K, 1, 1]
+    jm, jv = book.item_m[cold][:, None], book.item_v[cold][:, None]  # [n, 1, J, K]
+    new_i = cost(book.rank_m[hot][:, None, None, None] - am + jm, book.rank_v[hot][:, None, None, None] - av + jv)
+    new_j = cost(book.rank_m[cold][:, None, :, None] - jm + am, book.rank_v[cold][:, None, :, None] - jv + av)
+    peak = np.where(i_ok[:, None] & j_ok[..., None], np.maximum(new_i, new_j), np.inf).reshape(n, -1)
+    best = peak.argmin(axis=1)
+    k, jj, kj = np.unravel_index(best, (K, J, K))
+    return peak[np.arange(n), best], k, jj, kj
 
 
 LOOKAHEAD = 8
