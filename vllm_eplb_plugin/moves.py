@@ -87,6 +87,20 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     A policy that only decides *which* experts a rank holds calls this so that the engine
     does not copy weights between slots of one rank for nothing.
     """
+    # Most plans already keep slots (swaps and recounts write in place): only layers where
+    # a changed slot receives an expert its rank held elsewhere need matching.
+    li, ri, ki = np.nonzero(old != new)
+    arrived = (new[li, ri, ki][:, None] == old[li, ri]).any(axis=1)
+    layers = np.unique(li[arrived])
+    if not layers.size:
+        return new.copy()
+    out = new.copy()
+    out[layers] = _match_slots(old[layers], new[layers])
+    return out
+
+
+def _match_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """:func:`preserve_slots` on every layer of ``old, new [L, R, K]``."""
     L, R, K = new.shape
     if old.min(initial=0) < 0 or _duplicate_layers(old).any() or _duplicate_layers(new).any():  # -1 or a repeat
         return _preserve_slots_multiset(old, new)

@@ -447,25 +447,33 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
     needed, missing = _missing_replicas(np.maximum(counts - current, 0), per_replica)  # [L, M], [L]
     holds = np.zeros((L, R, E + 1), dtype=bool)  # column E: an empty slot
     holds[np.arange(L)[:, None], slot_rank, np.where(t < 0, E, t)] = True
-    # Candidates are the freed slots only ([L, M], in slot order, padded with slot 0):
-    # as many as replicas are missing, far fewer than all slots.
+    # Candidates are the freed slots only ([L, M], in slot order): as many as replicas
+    # are missing, far fewer than all slots. Ranks are flat ids ``l * R + r`` below: one
+    # integer index per gather is the cheapest fancy indexing numpy has.
     per_layer = np.bincount(rows, minlength=L)
-    freed_slots = np.zeros((L, needed.shape[1]), dtype=np.int64)
+    M = needed.shape[1]
+    freed_slots = np.zeros((L, M), dtype=np.int64)
     freed_slots[rows, np.arange(rows.size) - np.repeat(np.cumsum(per_layer) - per_layer, per_layer)] = cols
-    for j in range(needed.shape[1]):
+    is_open = np.arange(M) < per_layer[:, None]  # [L, M]: the freed slot is still empty
+    cand_rank = np.arange(L)[:, None] * R + slot_rank[freed_slots]  # [L, M]
+    flat_load, flat_holds = load.reshape(-1), holds.reshape(-1)
+    for j in range(M):
         active = np.flatnonzero(missing > j)
         e = needed[active, j]
-        slots = freed_slots[active]  # [n, M]
-        ok = (t[active[:, None], slots] < 0) & ~holds[active[:, None], slot_rank[slots], e[:, None]]
-        score = np.where(ok, load[active[:, None], slot_rank[slots]], np.inf)
-        pick = score.argmin(axis=1)
-        placed = np.isfinite(score[np.arange(len(active)), pick])
-        pl, pe, ps = active[placed], e[placed], slots[placed, pick[placed]]
-        t[pl, ps] = pe
-        holds[pl, slot_rank[ps], pe] = True
-        load[pl, slot_rank[ps]] += per_replica[pl, pe]
+        ranks = cand_rank[active]  # [n, M]
+        ok = is_open[active] & ~flat_holds[ranks * (E + 1) + e[:, None]]
+        pick = np.where(ok, flat_load[ranks], np.inf).argmin(axis=1)
+        placed = ok[np.arange(len(active)), pick]
+        pl, pe, pk = active[placed], e[placed], pick[placed]
+        t[pl, freed_slots[pl, pk]] = pe
+        is_open[pl, pk] = False
+        pr = cand_rank[pl, pk]
+        flat_holds[pr * (E + 1) + pe] = True
+        flat_load[pr] += per_replica[pl, pe]
         if not placed.all():  # every freed slot's rank holds the expert (e.g. a linear start)
-            _make_room(t, holds, load, per_replica, active[~placed], e[~placed], slot_rank)
+            stuck = active[~placed]
+            _make_room(t, holds, load, per_replica, stuck, e[~placed], slot_rank)
+            is_open[stuck] &= t[stuck[:, None], freed_slots[stuck]] < 0
     return t.reshape(L, R, K)
 
 
