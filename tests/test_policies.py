@@ -126,6 +126,33 @@ def test_refine_never_raises_the_peak_and_keeps_counts():
         assert np.all(rank_cost(out, w).max(axis=1) <= rank_cost(table, w).max(axis=1) + 1e-9)
 
 
+@pytest.mark.parametrize("hot_ranks", [1, 2, 4])
+def test_refine_stops_where_no_swap_with_a_partner_lowers_the_peak(hot_ranks):
+    """Local optimality checked by brute force: when refine stops (no target, no gain
+    floor), no swap of the costliest rank with any of its ``partners`` least loaded
+    ranks lowers the pair's larger load below the peak, whether it relieved one hot rank
+    per step or several."""
+    rng = np.random.default_rng(7)
+    for _ in range(15):
+        R, K, J = int(rng.integers(8, 17)), int(rng.integers(2, 6)), 3
+        E = int(rng.integers(K, R * K + 1))
+        table = np.stack([default_table(1, R, K, E)[0][rng.permutation(R)] for _ in range(2)])
+        w = rng.gamma(0.5, 100, (2, E))
+        out = refine(table, w, partners=J, hot_ranks=hot_ranks)
+        validate_table(out, E)
+        assert np.array_equal(logcnt(out, E), logcnt(table, E))
+        for layer, wl in zip(out, w, strict=True):
+            item = (wl / np.bincount(layer.ravel(), minlength=E))[layer]  # [R, K]
+            load = item.sum(axis=1)
+            i = int(load.argmax())
+            for j in np.argsort(np.where(np.arange(R) == i, np.inf, load), kind="stable")[:J]:
+                for k, kj in itertools.product(range(K), range(K)):
+                    if layer[j, kj] in layer[i] or layer[i, k] in layer[j]:
+                        continue  # a rank would hold an expert twice
+                    d = item[i, k] - item[j, kj]
+                    assert max(load[i] - d, load[j] + d) >= load[i] - 1e-9
+
+
 def test_swap_pairs_against_every_packing_of_the_same_counts():
     """Two ranks (a partition problem): two-for-two swaps against the best table with the
     same replica counts, found by trying every split of the single-replica experts, and

@@ -59,17 +59,23 @@ def rank_cost(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
 
 def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
            min_gain: np.ndarray | float = 0.0, max_steps: int | None = None,
-           partners: int | None = None, good_enough: np.ndarray | float = 0.0) -> np.ndarray:
+           partners: int | None = None, good_enough: np.ndarray | float = 0.0, hot_ranks: int = 1) -> np.ndarray:
     """Swap local search: while it helps, swap one replica of the costliest rank with one
     replica of another rank, choosing the swap that leaves the pair's larger cost lowest
     (only the ``partners`` least costly ranks are tried when given: faster, a little less
     thorough).
 
+    With ``hot_ranks = H > 1``, one step also swaps for the next ``H - 1`` costliest
+    ranks: each, costliest first, takes its best swap with a partner no costlier rank took
+    in that step (``partners + H - 1`` candidates, so each still has ``partners`` to
+    choose from). Pairs are disjoint, so this is the one-at-a-time search in fewer steps
+    (a step's time is mostly numpy call overhead, not arithmetic).
+
     A swap is taken only if it lowers the costliest rank's cost by more than ``min_gain``
     (``[L]`` or scalar, absolute), and a layer stops once its peak is ``<= good_enough``
     (``[L]`` or scalar), so a caller that pays for moves can skip marginal ones.
     Replica counts never change; the result is valid if ``table`` is. All layers advance
-    together, one swap per layer per step. (Moves that change replica counts were tried
+    together. (Moves that change replica counts were tried
     too: on the benchmark shapes they never lowered a converged peak and cost 3-5x time.)
 
     ``table [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]``.
@@ -88,7 +94,9 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     gain_floor = np.broadcast_to(np.asarray(min_gain, dtype=np.float64), (L,))
     stop_at = np.broadcast_to(np.asarray(good_enough, dtype=np.float64), (L,))
     J = R - 1 if partners is None else min(partners, R - 1)
-    best_swap = _best_swap_plain if z == 0 else functools.partial(_best_swap_risk, z=z)
+    H = max(1, min(hot_ranks, (R - J + 1) // 2))  # H hot ranks and J + H - 1 partners, all distinct
+    J += H - 1
+    scores = _swap_scores if z == 0 else functools.partial(_swap_scores_risk, z=z)
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(max_steps if max_steps is not None else 4 * R * K):
         cost = rank_m[active] if z == 0 else rank_m[active] + z * np.sqrt(np.maximum(rank_v[active], 0))  # [n, R]
@@ -96,16 +104,34 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         a, cost = active[above], cost[above]
         if not a.size:
             break
-        rows = np.arange(len(a))
-        i = cost.argmax(axis=1)  # costliest rank [n]
-        others = cost.copy()
-        others[rows, i] = np.inf
-        j = np.argpartition(others, J - 1, axis=1)[:, :J]  # partner ranks [n, J]: the J least costly
-        hot, cold = a * R + i, a[:, None] * R + j  # flat rank ids [n], [n, J]
-        peak, k, jj, kj = best_swap(book, hot, cold)
-        take = cost[rows, i] - peak > gain_floor[a]
-        book.swap(hot[take], k[take], cold[take, jj[take]], kj[take])
-        active = a[take]
+        n = len(a)
+        if H == 1:
+            i = cost.argmax(axis=1)[:, None]  # costliest rank [n, 1]
+            others = cost.copy()
+            others[np.arange(n), i[:, 0]] = np.inf
+            j = np.argpartition(others, J - 1, axis=1)[:, :J]  # partner ranks [n, J]: the J least costly
+        else:
+            by_cost = np.argsort(cost, axis=1)
+            i, j = by_cost[:, :-H - 1:-1], by_cost[:, :J]  # [n, H] costliest first, [n, J]
+        hot = (a[:, None] * R + i).ravel()  # flat rank ids [n H]
+        score, grid = scores(book, hot, np.repeat(a[:, None] * R + j, H, axis=0))  # [J, n H], [J, K K, n H]
+        score = score.reshape(J, n, H)
+        taken = np.zeros((n, H), dtype=bool)
+        partner = np.zeros((n, H), dtype=np.int64)
+        free = np.ones((J, n), dtype=bool)
+        cols = np.arange(n)
+        for h in range(H):  # costliest first, each to its best partner not yet taken
+            sc = np.where(free, score[:, :, h], np.inf)
+            partner[:, h] = jj = sc.argmin(axis=0)
+            now = cost[cols, i[:, h]]
+            taken[:, h] = (now - sc[jj, cols] > gain_floor[a]) & (now > stop_at[a])
+            free[jj[taken[:, h]], cols[taken[:, h]]] = False
+        taken &= taken[:, :1]  # a layer whose costliest rank cannot gain is done: no swap for nothing
+        which = np.flatnonzero(taken.ravel())  # into the n H rows
+        jj = partner.ravel()[which]
+        k, kj = np.divmod(grid[jj, :, which].argmin(axis=1), K)
+        book.swap(hot[which], k, a[which // H] * R + j[which // H, jj], kj)
+        active = a[taken[:, 0]]
     return t
 
 
@@ -148,57 +174,53 @@ class _Book(NamedTuple):
 
 
 BIG = 1e300
-"""Stands for an impossible swap's load in :func:`_best_swap_plain` (finite, so that
+"""Stands for an impossible swap's load in :func:`_swap_scores` (finite, so that
 differences of two impossible terms stay ordered instead of turning into nan)."""
 
 
-def _best_swap_plain(book: _Book, hot: np.ndarray, cold: np.ndarray):
-    """Best swap between rank ``hot [n]`` and one of ``cold [n, J]`` on plain loads.
+def _swap_scores(book: _Book, hot: np.ndarray, cold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Swaps between rank ``hot [m]`` and each of ``cold [m, J]`` on plain loads: the
+    lowest peak per partner ``[J, m]`` and the grid ``[J, K K, m]`` it comes from (the
+    swap of hot slot ``k`` with partner slot ``kj`` is at ``k * K + kj``, and its peak is
+    the grid value plus ``(H + C) / 2``).
 
     Moving ``d = a - b`` (a replica ``a`` out of the hot rank, ``b`` in) leaves the pair's
     larger load at ``max(H - d, C + d) = (H + C) / 2 + |a - (b + (H - C) / 2)|``, so per
-    partner the best swap is the closest pair of two short lists: the ``[J, K, K]`` grid
-    of every layer takes a subtraction, an absolute value and a minimum per partner. The
-    grid is laid out ``[J, K, K, n]`` (layers last) so that every operand is contiguous
-    along the long axis: with the short ``K`` last, numpy's per-row overhead was most of
-    a step. Returns the peak ``[n]`` and the swap: hot slot ``k``, partner index ``jj``
-    and partner slot ``kj`` (each ``[n]``).
+    partner the best swap is the closest pair of two short lists: a subtraction, an
+    absolute value and a minimum. The grid is laid out with the rows last so that every
+    operand is contiguous along the long axis: with the short ``K`` last, numpy's per-row
+    overhead was most of a step.
     """
-    n, J = cold.shape
+    m, J = cold.shape
     K = book.item_m.shape[1]
-    H, C = book.rank_m[hot], book.rank_m[cold]  # [n], [n, J]
+    H, C = book.rank_m[hot], book.rank_m[cold]  # [m], [m, J]
     i_ok, j_ok = book.can_swap(hot, cold)
-    give = np.where(j_ok, book.item_m[hot][:, :, None], BIG).transpose(2, 1, 0)  # [J, K, n]
-    take = np.where(i_ok, book.item_m[cold] + ((H[:, None] - C) / 2)[:, :, None], -BIG).transpose(1, 2, 0)  # [J, K, n]
-    grid = np.subtract(np.ascontiguousarray(give)[:, :, None], np.ascontiguousarray(take)[:, None])  # [J, K, K, n]
+    give = np.where(j_ok, book.item_m[hot][:, :, None], BIG).transpose(2, 1, 0)  # [J, K, m]
+    take = np.where(i_ok, book.item_m[cold] + ((H[:, None] - C) / 2)[:, :, None], -BIG).transpose(1, 2, 0)  # [J, K, m]
+    grid = np.subtract(np.ascontiguousarray(give)[:, :, None], np.ascontiguousarray(take)[:, None])  # [J, K, K, m]
     np.abs(grid, out=grid)
-    grid = grid.reshape(J, K * K, n)
-    score = grid.min(axis=1) + ((H[:, None] + C) / 2).T  # [J, n]: each partner's best peak
-    jj = score.argmin(axis=0)
-    cols = np.arange(n)
-    k, kj = np.divmod(grid[jj, :, cols].argmin(axis=1), K)
-    return score[jj, cols], k, jj, kj
+    grid = grid.reshape(J, K * K, m)
+    return grid.min(axis=1) + ((H[:, None] + C) / 2).T, grid
 
 
-def _best_swap_risk(book: _Book, hot: np.ndarray, cold: np.ndarray, z: float):
-    """:func:`_best_swap_plain` on the cost ``mean + z * sqrt(var)``, which has no such
-    shortcut: both ranks' costs on the full ``[n, K, J, K]`` grid."""
+def _swap_scores_risk(book: _Book, hot: np.ndarray, cold: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_swap_scores` on the cost ``mean + z * sqrt(var)``, which has no such
+    shortcut: both ranks' costs on the full grid, whose values are the peaks."""
     assert book.item_v is not None and book.rank_v is not None
-    n, J = cold.shape
+    m, J = cold.shape
     K = book.item_m.shape[1]
     i_ok, j_ok = book.can_swap(hot, cold)
 
-    def cost(m: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return m + z * np.sqrt(np.maximum(v, 0))
+    def cost(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        return mean + z * np.sqrt(np.maximum(var, 0))
 
-    am, av = book.item_m[hot][:, :, None, None], book.item_v[hot][:, :, None, None]  # [n, K, 1, 1]
-    jm, jv = book.item_m[cold][:, None], book.item_v[cold][:, None]  # [n, 1, J, K]
+    am, av = book.item_m[hot][:, :, None, None], book.item_v[hot][:, :, None, None]  # [m, K, 1, 1]
+    jm, jv = book.item_m[cold][:, None], book.item_v[cold][:, None]  # [m, 1, J, K]
     new_i = cost(book.rank_m[hot][:, None, None, None] - am + jm, book.rank_v[hot][:, None, None, None] - av + jv)
     new_j = cost(book.rank_m[cold][:, None, :, None] - jm + am, book.rank_v[cold][:, None, :, None] - jv + av)
-    peak = np.where(i_ok[:, None] & j_ok[..., None], np.maximum(new_i, new_j), np.inf).reshape(n, -1)
-    best = peak.argmin(axis=1)
-    k, jj, kj = np.unravel_index(best, (K, J, K))
-    return peak[np.arange(n), best], k, jj, kj
+    peak = np.where(i_ok[:, None] & j_ok[..., None], np.maximum(new_i, new_j), np.inf)  # [m, K, J, K]
+    grid = peak.transpose(2, 1, 3, 0).reshape(J, K * K, m)
+    return grid.min(axis=1), grid
 
 
 LOOKAHEAD = 8
@@ -472,8 +494,9 @@ def recount(table: np.ndarray, counts: np.ndarray, mean: np.ndarray) -> np.ndarr
         flat_load[pr] += per_replica[pl, pe]
         if not placed.all():  # every freed slot's rank holds the expert (e.g. a linear start)
             stuck = active[~placed]
-            _make_room(t, holds, load, per_replica, stuck, e[~placed], slot_rank)
-            is_open[stuck] &= t[stuck[:, None], freed_slots[stuck]] < 0
+            pk = np.where(is_open[stuck], flat_load[cand_rank[stuck]], np.inf).argmin(axis=1)  # least loaded
+            _make_room(t, flat_holds, flat_load, per_replica, stuck, e[~placed], freed_slots[stuck, pk], slot_rank)
+            is_open[stuck, pk] = False
     return t.reshape(L, R, K)
 
 
@@ -494,26 +517,29 @@ def _missing_replicas(deficit: np.ndarray, per_replica: np.ndarray) -> tuple[np.
 
 
 def _make_room(t: np.ndarray, holds: np.ndarray, load: np.ndarray, per_replica: np.ndarray,
-               layers: np.ndarray, experts: np.ndarray, slot_rank: np.ndarray) -> None:
+               layers: np.ndarray, experts: np.ndarray, empty: np.ndarray, slot_rank: np.ndarray) -> None:
     """Place a replica of ``experts [n]`` in ``layers [n]`` whose freed slots are all on
-    ranks holding it: the least loaded freed slot's rank ``r`` takes the replica of
+    ranks holding it: the rank ``r`` of the freed slot ``empty [n]`` takes the replica of
     closest load from a slot whose rank lacks the expert (and whose expert ``r`` lacks),
-    and the expert goes there (two slots). ``t [L, S]`` (-1: freed), ``holds [L, R, E + 1]``
-    and ``load [L, R]`` are updated in place."""
+    and the expert goes there (two slots). ``t [L, S]`` (-1: freed), ``holds`` (flat
+    ``[L, R, E + 1]``) and ``load`` (flat ``[L, R]``) are updated in place."""
     n = np.arange(len(layers))
+    E1 = per_replica.shape[1] + 1
+    R = load.size // t.shape[0]
     tl = t[layers]  # [n, S]
-    s = np.where(tl < 0, load[layers][:, slot_rank], np.inf).argmin(axis=1)
-    r = slot_rank[s]
+    ranks = layers[:, None] * R + slot_rank  # [n, S] flat rank ids
+    r = layers * R + slot_rank[empty]
     x_all = np.maximum(tl, 0)
-    fits = (tl >= 0) & ~holds[layers[:, None], slot_rank, experts[:, None]] & ~holds[layers[:, None], r[:, None], x_all]
-    gap = np.abs(per_replica[layers[:, None], x_all] - per_replica[layers, experts][:, None])
+    fits = (tl >= 0) & ~holds[ranks * E1 + experts[:, None]] & ~holds[(r * E1)[:, None] + x_all]
+    size = per_replica[layers]  # [n, E]
+    gap = np.abs(np.take_along_axis(size, x_all, axis=1) - size[n, experts][:, None])
     s2 = np.where(fits, gap, np.inf).argmin(axis=1)
-    x, r2 = tl[n, s2], slot_rank[s2]
-    t[layers, s], t[layers, s2] = x, experts
-    holds[layers, r, x] = holds[layers, r2, experts] = True
-    holds[layers, r2, x] = False
-    load[layers, r] += per_replica[layers, x]
-    load[layers, r2] += per_replica[layers, experts] - per_replica[layers, x]
+    x, r2 = tl[n, s2], ranks[n, s2]
+    t[layers, empty], t[layers, s2] = x, experts
+    holds[r * E1 + x] = holds[r2 * E1 + experts] = True
+    holds[r2 * E1 + x] = False
+    load[r] += size[n, x]
+    load[r2] += size[n, experts] - size[n, x]
 
 
 def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:

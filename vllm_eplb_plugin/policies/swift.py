@@ -34,6 +34,7 @@ class SwiftPolicy(PlacementPolicy):
 
     name = "swift"
     PARTNERS = 8  # swap partners tried per step: the 8 least loaded ranks (speed; see search.refine)
+    HOT_RANKS = 2  # ranks relieved per swap step (speed; see search.refine)
     OPTIONS = {
         "target": Option(0.008, "Repair stops swapping once the peak rank load is within this fraction above the "
                                 "lower bound.", 0.0, 10.0),
@@ -50,7 +51,8 @@ class SwiftPolicy(PlacementPolicy):
         mean_rank = expert_load.sum(axis=1) / R
         bound = np.maximum(mean_rank, (expert_load / counts).max(axis=1))  # search.lower_bound, counts reused
         target = refine(recount(table, counts, expert_load), expert_load, partners=self.PARTNERS,
-                        min_gain=self.options["min_gain"] * mean_rank, good_enough=(1 + self.options["target"]) * bound)
+                        min_gain=self.options["min_gain"] * mean_rank, good_enough=(1 + self.options["target"]) * bound,
+                        hot_ranks=self.HOT_RANKS)
         peak = rank_cost(target, expert_load).max(axis=1)
         far = np.flatnonzero(peak > slack * bound)
         if far.size:
