@@ -8,7 +8,9 @@ window ``w + 1``. Metrics, per update, averaged over layers:
 
 - realized imbalance: mean over the next window's steps of max rank load / mean rank load;
 - fit ratio: lower bound / max rank load on the fitted window, with the lower bound
-  ``max(total / R, min over replica counts of max_e load_e / count_e)``;
+  ``max(total / R, min over replica counts of max_e load_e / count_e)``; where exhaustive
+  search is cheap (``benchmarks/exact.py``: the Mixtral shape), also the exact fit, the
+  best possible peak / max rank load (the lower bound is loose there);
 - moves: slots whose expert changes / all slots (first update from the linear table
   reported apart from the steady-state updates that follow);
 - moves floor: ranks whose load under the previous table exceeds the new table's peak, on
@@ -54,6 +56,7 @@ from vllm_eplb_plugin.placement import (
 from vllm_eplb_plugin.policies.search import lower_bound
 from vllm_eplb_plugin.registry import DEFAULT_POLICY
 
+from .exact import EXACT_LIMIT, best_peak, exact_tables
 from .traces import SHAPES, SKEWS, Shape, drifting_trace, hottest_ratio
 
 # A planner: (current table [L, R, K], slot series [T, L, R, K]) -> new table [L, R, K].
@@ -153,12 +156,13 @@ def step_imbalance(table: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return np.divide(loads.max(axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
 
 
-def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
-    """Fit on window w, score on w + 1, for every w. ``trace [W, T, L, E]``."""
+def run_one(contender: Contender, shape: Shape, trace: np.ndarray, exact: np.ndarray | None = None) -> dict:
+    """Fit on window w, score on w + 1, for every w. ``trace [W, T, L, E]``; ``exact
+    [W - 1, L]``: the best possible peak of each fitted window and layer, if known."""
     W, T, L, E = trace.shape
     plan = contender.make(shape)
     table = default_table(L, shape.ranks, shape.slots_per_rank, E)
-    realized, fit, moves, floor, ms, invalid = [], [], [], [], [], 0
+    realized, fit, fit_exact, moves, floor, ms, invalid = [], [], [], [], [], [], 0
     for w in range(W - 1):
         series = expert_to_slot_load(table, trace[w])  # [T, L, R, K], as the engine measures it
         start = time.perf_counter()
@@ -171,6 +175,8 @@ def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
         window = trace[w].sum(axis=0)
         peak = rank_load(new, window).max(axis=1)  # [L]
         fit.append(float(np.mean(lower_bound(window, shape.ranks, shape.slots) / peak)))
+        if exact is not None:
+            fit_exact.append(float(np.mean(exact[w] / peak)))
         moves.append(float(changed_slots(table, new).mean() / shape.slots))
         above = rank_load(table, window) > peak[:, None] * (1 + 1e-9)  # [L, R]
         floor.append(float(above.sum(axis=1).mean() / shape.slots))
@@ -179,6 +185,7 @@ def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
     return {
         "realized_imbalance": statistics.fmean(realized),
         "fit_ratio": statistics.fmean(fit),
+        **({"fit_exact": statistics.fmean(fit_exact)} if fit_exact else {}),
         "moves_first": moves[0],
         "moves_steady": statistics.fmean(moves[1:]) if len(moves) > 1 else moves[0],
         "moves_floor_steady": statistics.fmean(floor[1:]) if len(floor) > 1 else floor[0],
@@ -188,6 +195,15 @@ def run_one(contender: Contender, shape: Shape, trace: np.ndarray) -> dict:
         "start_imbalance": float(step_imbalance(default_table(L, shape.ranks, shape.slots_per_rank, E),
                                                 trace[0]).mean()),
     }
+
+
+def best_peaks(shape: Shape, trace: np.ndarray) -> np.ndarray | None:
+    """The best possible peak ``[W - 1, L]`` of every fitted window and layer of ``trace
+    [W, T, L, E]`` by exhaustive search, or None where that is too large to score."""
+    if exact_tables(shape.experts, shape.ranks, shape.slots_per_rank) > EXACT_LIMIT:
+        return None
+    windows = trace[:-1].sum(axis=1)  # [W - 1, L, E]
+    return np.array([[best_peak(w, shape.ranks, shape.slots_per_rank) for w in layers] for layers in windows])
 
 
 def references(shape: Shape, trace: np.ndarray) -> dict[str, float]:
@@ -278,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             trace = drifting_trace(shape.experts, args.layers, args.windows, args.steps,
                                    args.tokens_per_rank * shape.ranks, shape.top_k, s, args.drift, args.jitter,
                                    seed=args.seed)
+            exact = best_peaks(shape, trace)
             for c in runs:
                 try:
-                    result = run_one(c, shape, trace)
+                    result = run_one(c, shape, trace, exact)
                 except Exception as exc:  # noqa: BLE001 - a peer that cannot handle a shape is reported, not fatal
                     result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
                 rows.append({"shape": shape_name, "skew": skew, "hottest": hottest, "policy": c.name, "kind": c.kind,
@@ -322,7 +339,8 @@ def _print_row(r: dict) -> None:
         return
     print(f"{r['shape']:<18} {r['skew']:<9} {r['policy']:<30} realized {r['realized_imbalance']:.4f}  "
           f"fit {r['fit_ratio']:.4f}  moves {r['moves_first']:.3f}/{r['moves_steady']:.3f}  "
-          f"{r['ms_per_call']:8.2f} ms  invalid {r['invalid_tables']}", flush=True)
+          f"{r['ms_per_call']:8.2f} ms  invalid {r['invalid_tables']}"
+          + (f"  exact fit {r['fit_exact']:.4f}" if "fit_exact" in r else ""), flush=True)
 
 
 def per_case(rows: list[dict]) -> list[dict]:
@@ -345,6 +363,10 @@ def per_case(rows: list[dict]) -> list[dict]:
                 "gap": round(mine["realized_imbalance"] / best["realized_imbalance"] - 1, 4)}
         if "optimal" in here:
             line["optimal_fit"] = round(here["optimal"]["fit_ratio"], 4)
+        if "fit_exact" in mine:  # the lower bound is loose here: fit against the best possible table
+            line["default_fit_exact"] = round(mine["fit_exact"], 4)
+            if "optimal" in here:
+                line["optimal_fit_exact"] = round(here["optimal"]["fit_exact"], 4)
         out.append(line)
     return out
 
@@ -357,6 +379,9 @@ def print_cases(cases: list[dict]) -> None:
     for c in cases:
         opt = c.get("optimal_fit")
         flag = "  <- peer ahead by > 2 %" if c["gap"] > 0.02 else ""
+        if "default_fit_exact" in c:
+            flag += (f"  (exact fit: {DEFAULT_POLICY} {c['default_fit_exact']:.4f}, "
+                     f"optimal {c.get('optimal_fit_exact', float('nan')):.4f})")
         print(f"{c['shape']:<19} {c['skew']:<9} {c['hottest']:5.1f} {c['default_realized']:16.4f} "
               f"{c['default_fit']:7.4f} {c['default_moves']:6.3f} {c['default_moves_floor']:6.3f} "
               f"{c['best_peer'][:28]:<28} "

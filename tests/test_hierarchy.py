@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from benchmarks.exact import best_peak
 from vllm_eplb_plugin import PolicyConfig, create_policy, hierarchy
 from vllm_eplb_plugin.hierarchy import current_groups, join_nodes, node_experts, split_nodes
 from vllm_eplb_plugin.placement import (
@@ -80,19 +81,6 @@ def test_groups_stay_on_one_node_from_the_linear_start(name):
         assert set(ours) == set(theirs)
 
 
-def brute_force_peak(w: np.ndarray, R: int, K: int) -> float:
-    """Smallest max rank load of one layer over every valid table: each rank holds K
-    distinct experts, every expert at least once."""
-    E = len(w)
-    sets = list(itertools.combinations(range(E), K))
-    best = np.inf
-    for choice in itertools.combinations_with_replacement(range(len(sets)), R):
-        table = np.array([[sets[c] for c in choice]])
-        if np.all(logcnt(table, E) > 0):
-            best = min(best, rank_load(table, w[None]).max())
-    return float(best)
-
-
 @pytest.mark.parametrize("name", SEARCH_POLICIES)
 def test_node_local_solve_matches_exhaustive_search(name):
     # 8 experts in 4 groups of 2, 2 nodes of 2 ranks x 3 slots. Group loads 9, 5, 4, 2;
@@ -107,7 +95,7 @@ def test_node_local_solve_matches_exhaustive_search(name):
     new = policy.rebalance_experts(table, expert_to_slot_load(table, w[None])).new_table
     assert set(experts_of_node(new, N)[0]) == {frozenset({0, 1, 6, 7}), frozenset({2, 3, 4, 5})}
     # Exhaustive over every split of the groups into two nodes and every table per node.
-    best = min(max(brute_force_peak(w[[2 * g + i for g in part for i in (0, 1)]], R // N, K)
+    best = min(max(best_peak(w[[2 * g + i for g in part for i in (0, 1)]], R // N, K)
                    for part in (a, tuple(sorted(set(range(G)) - set(a)))))
                for a in itertools.combinations(range(G), G // N))
     assert best == 5.5

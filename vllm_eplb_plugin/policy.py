@@ -273,7 +273,8 @@ class PlacementPolicy(EplbPolicy):
         series = as_workload(expert_workload, held.shape)  # [T, L, R, K]
         num_experts = num_experts_of(held)
         ok = (held >= 0) & (held < num_experts)  # -1 padding carries no load
-        return self.plan(held, slot_to_expert_load(np.where(ok, held, 0), series * ok, num_experts))
+        slots, loads = (held, series) if ok.all() else (np.where(ok, held, 0), series * ok)
+        return self.plan(held, slot_to_expert_load(slots, loads, num_experts))
 
     def plan(self, table: Any, heat: Any) -> PolicyResult:
         held = as_table(table, name="current_expert_table")

@@ -39,11 +39,13 @@ def replicate(weight: np.ndarray, num_phy: int, cap: int) -> tuple[np.ndarray, n
     phy2log = np.empty((X, num_phy), dtype=np.int64)
     phy2log[:, :n] = np.arange(n)
     count = np.ones((X, n), dtype=np.int64)
+    per_replica = np.where(count < cap, weight.astype(np.float64), -np.inf)  # updated in place: one item per step
     for i in range(n, num_phy):
-        per_replica = np.where(count < cap, weight / count, -np.inf)
         pick = per_replica.argmax(axis=1)
         phy2log[:, i] = pick
         count[rows, pick] += 1
+        c = count[rows, pick]
+        per_replica[rows, pick] = np.where(c < cap, weight[rows, pick] / c, -np.inf)
     return phy2log, count
 
 
