@@ -113,26 +113,42 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         else:
             by_cost = np.argsort(cost, axis=1)
             i, j = by_cost[:, :-H - 1:-1], by_cost[:, :J]  # [n, H] costliest first, [n, J]
-        hot = (a[:, None] * R + i).ravel()  # flat rank ids [n H]
-        score, grid = scores(book, hot, np.repeat(a[:, None] * R + j, H, axis=0))  # [J, n H], [J, K K, n H]
-        score = score.reshape(J, n, H)
-        taken = np.zeros((n, H), dtype=bool)
-        partner = np.zeros((n, H), dtype=np.int64)
-        free = np.ones((J, n), dtype=bool)
-        cols = np.arange(n)
-        for h in range(H):  # costliest first, each to its best partner not yet taken
-            sc = np.where(free, score[:, :, h], np.inf)
-            partner[:, h] = jj = sc.argmin(axis=0)
-            now = cost[cols, i[:, h]]
-            taken[:, h] = (now - sc[jj, cols] > gain_floor[a]) & (now > stop_at[a])
-            free[jj[taken[:, h]], cols[taken[:, h]]] = False
-        taken &= taken[:, :1]  # a layer whose costliest rank cannot gain is done: no swap for nothing
-        which = np.flatnonzero(taken.ravel())  # into the n H rows
+        hot, cold = (a[:, None] * R + i).ravel(), a[:, None] * R + j  # flat rank ids [n H], [n, J]
+        if H > 1:
+            cold = np.repeat(cold, H, axis=0)  # [n H, J]
+        score, grid = scores(book, hot, cold)  # [J, n H], [J, K K, n H]
+        now = cost[np.arange(n)[:, None], i]  # [n, H]
+        partner, taken = _pick_partners(score.reshape(J, n, H), now, gain_floor[a], stop_at[a])
+        which = np.flatnonzero(taken)  # into the n H rows
         jj = partner.ravel()[which]
-        k, kj = np.divmod(grid[jj, :, which].argmin(axis=1), K)
-        book.swap(hot[which], k, a[which // H] * R + j[which // H, jj], kj)
+        k, kj = np.divmod(grid[jj, :, which].argmin(axis=1), K)  # the swap behind the partner's score
+        book.swap(hot[which], k, cold[which, jj], kj)
         active = a[taken[:, 0]]
     return t
+
+
+def _pick_partners(score: np.ndarray, now: np.ndarray, gain_floor: np.ndarray,
+                   stop_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Partner of each hot rank and whether its swap is taken: ``score [J, n, H]`` (the
+    best peak of hot rank ``h`` with partner ``j``), ``now [n, H]`` (the hot ranks' costs),
+    ``gain_floor, stop_at [n]`` -> ``partner, taken [n, H]``. Costliest first, each hot
+    rank takes its best partner no costlier one took; a layer whose costliest rank cannot
+    gain takes no swap at all."""
+    J, n, H = score.shape
+    cols = np.arange(n)
+    if H == 1:
+        jj = score[:, :, 0].argmin(axis=0)
+        return jj[:, None], (now[:, 0] - score[jj, cols, 0] > gain_floor)[:, None]
+    taken = np.zeros((n, H), dtype=bool)
+    partner = np.zeros((n, H), dtype=np.int64)
+    free = np.ones((J, n), dtype=bool)
+    for h in range(H):
+        sc = np.where(free, score[:, :, h], np.inf)
+        partner[:, h] = jj = sc.argmin(axis=0)
+        taken[:, h] = (now[:, h] - sc[jj, cols] > gain_floor) & (now[:, h] > stop_at)
+        free[jj[taken[:, h]], cols[taken[:, h]]] = False
+    taken &= taken[:, :1]
+    return partner, taken
 
 
 class _Book(NamedTuple):
