@@ -133,6 +133,21 @@ def test_refine_stops_where_no_swap_with_a_partner_lowers_the_peak(hot_ranks):
                     assert max(load[i] - d, load[j] + d) >= load[i] - 1e-9
 
 
+def test_refine_with_no_gain_floor_stops_instead_of_swapping_back_and_forth():
+    """The swap score ``(H + C) / 2 + |a - (b + (H - C) / 2)|`` can land an ulp below an
+    unchanged peak. Without a rounding floor, 6 of these 58 layers (V3 EP32, extreme
+    heat, DeepSeek's greedy start, as the optimal policy runs it) swapped one pair back
+    and forth until ``max_steps``: one more step still changed the table."""
+    from benchmarks.traces import SKEWS, drifting_trace
+    from vllm_eplb_plugin.moves import separate_duplicates
+    from vllm_eplb_plugin.policies.deepseek import deepseek_phy2log
+
+    w = drifting_trace(256, 58, 1, 4, 256 * 32, 8, SKEWS["extreme"], seed=0)[0].sum(axis=0)
+    start = separate_duplicates(deepseek_phy2log(w, 32, 9).reshape(58, 32, 9), w)
+    steps = 32 * 9
+    assert np.array_equal(refine(start, w, max_steps=steps), refine(start, w, max_steps=steps + 1))
+
+
 def test_swap_pairs_against_every_packing_of_the_same_counts():
     """Two ranks (a partition problem): two-for-two swaps against the best table with the
     same replica counts, found by trying every split of the single-replica experts, and

@@ -118,7 +118,10 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
             cold = np.repeat(cold, H, axis=0)  # [n H, J]
         score, grid = scores(book, hot, cold)  # [J, n H], [J, K K, n H]
         now = cost[np.arange(n)[:, None], i]  # [n, H]
-        partner, taken = _pick_partners(score.reshape(J, n, H), now, gain_floor[a], stop_at[a])
+        # A swap must gain more than rounding: ``(H + C) / 2 + |...|`` can land an ulp below
+        # an unchanged peak, and a search with no gain floor would then swap back and forth.
+        need = np.maximum(gain_floor[a][:, None], ROUNDING * now)  # [n, H]
+        partner, taken = _pick_partners(score.reshape(J, n, H), now, need, stop_at[a])
         which = np.flatnonzero(taken)  # into the n H rows
         jj = partner.ravel()[which]
         k, kj = np.divmod(grid[jj, :, which].argmin(axis=1), K)  # the swap behind the partner's score
@@ -127,25 +130,29 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     return t
 
 
-def _pick_partners(score: np.ndarray, now: np.ndarray, gain_floor: np.ndarray,
+ROUNDING = 1e-12
+"""Relative gain below which :func:`refine` treats a swap as no gain (float rounding)."""
+
+
+def _pick_partners(score: np.ndarray, now: np.ndarray, need: np.ndarray,
                    stop_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Partner of each hot rank and whether its swap is taken: ``score [J, n, H]`` (the
     best peak of hot rank ``h`` with partner ``j``), ``now [n, H]`` (the hot ranks' costs),
-    ``gain_floor, stop_at [n]`` -> ``partner, taken [n, H]``. Costliest first, each hot
+    ``need [n, H]`` (the gain a swap must beat), ``stop_at [n]`` -> ``partner, taken [n, H]``. Costliest first, each hot
     rank takes its best partner no costlier one took; a layer whose costliest rank cannot
     gain takes no swap at all."""
     J, n, H = score.shape
     cols = np.arange(n)
     if H == 1:
         jj = score[:, :, 0].argmin(axis=0)
-        return jj[:, None], (now[:, 0] - score[jj, cols, 0] > gain_floor)[:, None]
+        return jj[:, None], (now[:, 0] - score[jj, cols, 0] > need[:, 0])[:, None]
     taken = np.zeros((n, H), dtype=bool)
     partner = np.zeros((n, H), dtype=np.int64)
     free = np.ones((J, n), dtype=bool)
     for h in range(H):
         sc = np.where(free, score[:, :, h], np.inf)
         partner[:, h] = jj = sc.argmin(axis=0)
-        taken[:, h] = (now[:, h] - sc[jj, cols] > gain_floor) & (now[:, h] > stop_at)
+        taken[:, h] = (now[:, h] - sc[jj, cols] > need[:, h]) & (now[:, h] > stop_at)
         free[jj[taken[:, h]], cols[taken[:, h]]] = False
     taken &= taken[:, :1]
     return partner, taken
