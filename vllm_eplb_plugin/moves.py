@@ -87,32 +87,25 @@ def preserve_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     A policy that only decides *which* experts a rank holds calls this so that the engine
     does not copy weights between slots of one rank for nothing.
     """
-    # Most plans already keep slots (swaps and recounts write in place): only layers where
-    # a changed slot receives an expert its rank held elsewhere need matching.
+    # Most plans already keep slots (swaps and recounts write in place): only ranks where
+    # a changed slot receives an expert the rank held elsewhere need matching.
+    L, R, K = new.shape
     li, ri, ki = np.nonzero(old != new)
     arrived = (new[li, ri, ki][:, None] == old[li, ri]).any(axis=1)
-    layers = np.unique(li[arrived])
-    if not layers.size:
-        return new.copy()
+    rows = np.unique(li[arrived] * R + ri[arrived])  # flat (layer, rank) ids
     out = new.copy()
-    out[layers] = _match_slots(old[layers], new[layers])
+    if rows.size:
+        flat = out.reshape(L * R, K)
+        flat[rows] = _match_slots(old.reshape(L * R, K)[rows], flat[rows])
     return out
 
 
 def _match_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """:func:`preserve_slots` on every layer of ``old, new [L, R, K]``."""
-    L, R, K = new.shape
-    if old.min(initial=0) < 0 or _duplicate_layers(old).any() or _duplicate_layers(new).any():  # -1 or a repeat
-        return _preserve_slots_multiset(old, new)
-    # Membership per (layer, rank, expert): O(L R K) work where pairwise matching is O(L R K^2).
-    E = int(max(old.max(initial=0), new.max(initial=0))) + 1
-    li, ri = np.arange(L)[:, None, None], np.arange(R)[None, :, None]
-    in_new = np.zeros((L, R, E), dtype=bool)
-    in_new[li, ri, new] = True
-    in_old = np.zeros((L, R, E), dtype=bool)
-    in_old[li, ri, old] = True
-    stays = in_new[li, ri, old]  # [L, R, K]: old slots whose expert the rank keeps
-    comes = ~in_old[li, ri, new]  # [L, R, K]: new entries the rank did not hold
+    """:func:`preserve_slots` on the rank contents ``old, new [m, K]`` (rows)."""
+    if old.min(initial=0) < 0 or _duplicate_layers(old[:, None]).any() or _duplicate_layers(new[:, None]).any():
+        return _preserve_slots_multiset(old[:, None], new[:, None])[:, 0]  # -1 padding or a repeat
+    stays = (old[:, :, None] == new[:, None, :]).any(axis=2)  # [m, K]: old slots whose expert the rank keeps
+    comes = ~(new[:, :, None] == old[:, None, :]).any(axis=2)  # [m, K]: new entries the rank did not hold
     out = np.where(stays, old, -1)
     _fill_free(out, new, ~stays, comes)
     return out
@@ -126,13 +119,12 @@ def _duplicate_layers(table: np.ndarray) -> np.ndarray:
 
 def _fill_free(out: np.ndarray, new: np.ndarray, free: np.ndarray, comes: np.ndarray) -> None:
     """Write the newcomers of ``new`` (``comes``) into the ``free`` slots of ``out`` in
-    order (all ``[L, R, K]``; as many of one as of the other per rank)."""
+    order (all ``[m, K]``; as many of one as of the other per row)."""
     K = out.shape[-1]
     free_slots = np.argsort(~free, axis=-1, kind="stable")  # free slots first, in order
     newcomers = np.argsort(~comes, axis=-1, kind="stable")
-    use = np.arange(K) < comes.sum(axis=-1, keepdims=True)  # [L, R, K]
-    li, ri, j = np.nonzero(use)
-    out[li, ri, free_slots[li, ri, j]] = new[li, ri, newcomers[li, ri, j]]
+    rows, j = np.nonzero(np.arange(K) < comes.sum(axis=-1, keepdims=True))
+    out[rows, free_slots[rows, j]] = new[rows, newcomers[rows, j]]
 
 
 def _preserve_slots_multiset(old: np.ndarray, new: np.ndarray) -> np.ndarray:
