@@ -75,8 +75,8 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     (``[L]`` or scalar, absolute), and a layer stops once its peak is ``<= good_enough``
     (``[L]`` or scalar), so a caller that pays for moves can skip marginal ones.
     Replica counts never change; the result is valid if ``table`` is. All layers advance
-    together. (Moves that change replica counts were tried
-    too: on the benchmark shapes they never lowered a converged peak and cost 3-5x time.)
+    together. (Moves that change replica counts were tried too: on the benchmark shapes
+    they never lowered a converged peak and cost 3-5x time.)
 
     ``table [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]``.
     """
@@ -118,8 +118,9 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
             cold = np.repeat(cold, H, axis=0)  # [n H, J]
         score, grid = scores(book, hot, cold)  # [J, n H], [J, K K, n H]
         now = cost[np.arange(n)[:, None], i]  # [n, H]
-        # A swap must gain more than rounding: ``(H + C) / 2 + |...|`` can land an ulp below
-        # an unchanged peak, and a search with no gain floor would then swap back and forth.
+        # A swap must gain more than rounding: the score (the pair's mean load plus |...|,
+        # see _swap_scores) can land an ulp below an unchanged peak, and a search with no
+        # gain floor would then swap one pair back and forth until max_steps.
         need = np.maximum(gain_floor[a][:, None], ROUNDING * now)  # [n, H]
         partner, taken = _pick_partners(score.reshape(J, n, H), now, need, stop_at[a])
         which = np.flatnonzero(taken)  # into the n H rows
@@ -137,10 +138,10 @@ ROUNDING = 1e-12
 def _pick_partners(score: np.ndarray, now: np.ndarray, need: np.ndarray,
                    stop_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Partner of each hot rank and whether its swap is taken: ``score [J, n, H]`` (the
-    best peak of hot rank ``h`` with partner ``j``), ``now [n, H]`` (the hot ranks' costs),
-    ``need [n, H]`` (the gain a swap must beat), ``stop_at [n]`` -> ``partner, taken [n, H]``. Costliest first, each hot
-    rank takes its best partner no costlier one took; a layer whose costliest rank cannot
-    gain takes no swap at all."""
+    best peak of hot rank ``h`` with partner ``j``), ``now [n, H]`` (the hot ranks'
+    costs), ``need [n, H]`` (the gain a swap must beat), ``stop_at [n]`` -> ``partner,
+    taken [n, H]``. Costliest first, each hot rank takes its best partner no costlier one
+    took; a layer whose costliest rank cannot gain takes no swap at all."""
     J, n, H = score.shape
     cols = np.arange(n)
     if H == 1:
@@ -172,8 +173,8 @@ class _Book(NamedTuple):
     rank_v: np.ndarray | None
 
     def can_swap(self, hot: np.ndarray, cold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which swaps keep every rank free of duplicates: ``i_ok [n, J, K]`` (rank ``hot
-        [n]`` lacks the partner's expert) and ``j_ok [n, K, J]`` (partner ``cold [n, J]``
+        """Which swaps keep every rank free of duplicates: ``i_ok [m, J, K]`` (rank ``hot
+        [m]`` lacks the partner's expert) and ``j_ok [m, K, J]`` (partner ``cold [m, J]``
         lacks the hot rank's expert)."""
         E = self.num_experts
         i_ok = ~self.holds[(hot * E)[:, None, None] + self.table[cold]]
@@ -182,7 +183,7 @@ class _Book(NamedTuple):
 
     def swap(self, p: np.ndarray, k: np.ndarray, q: np.ndarray, kq: np.ndarray) -> None:
         """Swap slot ``k`` of rank ``p`` with slot ``kq`` of rank ``q`` (flat rank ids, all
-        ``[m]``, at most one swap per layer), updating every record."""
+        ``[m]``; no rank in two swaps), updating every record."""
         E = self.num_experts
         x, y = self.table[p, k], self.table[q, kq]
         self.table[p, k], self.table[q, kq] = y, x
