@@ -25,6 +25,11 @@ __all__ = ["replica_counts", "lower_bound", "rank_cost", "refine", "move_replica
            "table_for_counts", "every_count_table", "fresh_table"]
 
 
+ROUNDING = 1e-12
+"""Relative change below which the searches here treat a peak as unchanged (float rounding:
+without it a search with no gain floor can undo and redo one move until its step limit)."""
+
+
 def replica_counts(weight: np.ndarray, num_ranks: int, num_slots: int) -> np.ndarray:
     """Replica counts ``[L, E]`` minimising the largest per-replica weight (one replica
     per expert first, then each extra one to the expert with the largest weight per
@@ -129,10 +134,6 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         book.swap(hot[which], k, cold[which, jj], kj)
         active = a[taken[:, 0]]
     return t
-
-
-ROUNDING = 1e-12
-"""Relative gain below which :func:`refine` treats a swap as no gain (float rounding)."""
 
 
 def _pick_partners(score: np.ndarray, now: np.ndarray, need: np.ndarray,
@@ -304,7 +305,7 @@ def move_replicas(table: np.ndarray, mean: np.ndarray, good_enough: np.ndarray |
                 trial = tl.copy()
                 trial[r[m], k[m]] = a[m]
                 trial = swap_pairs(trial[None], w[None])[0]
-                if rank_cost(trial[None], w[None]).max() < load[top] * (1 - 1e-12):
+                if rank_cost(trial[None], w[None]).max() < load[top] * (1 - ROUNDING):
                     t[l] = trial
                     break
             else:
@@ -353,7 +354,7 @@ def swap_pairs(table: np.ndarray, mean: np.ndarray) -> np.ndarray:
             peak = np.where(dup_top | dup_other, np.inf, peak)
             peak[top] = np.inf
             r, a, b = np.unravel_index(int(peak.argmin()), peak.shape)
-            if peak[r, a, b] >= load[top] * (1 - 1e-12):
+            if peak[r, a, b] >= load[top] * (1 - ROUNDING):
                 break
             tl[top, [pi[a], pj[a]]], tl[r, [pi[b], pj[b]]] = tl[r, [pi[b], pj[b]]], tl[top, [pi[a], pj[a]]].copy()
             t[l] = refine(tl[None], w[None])[0]
@@ -390,7 +391,7 @@ def pairing_counts(weight: np.ndarray, num_ranks: int) -> np.ndarray:
         trial = np.where(mine, split[..., None], items[:, None, :])
         trial[:, :, free] = split
         peak = np.where(counts < num_ranks, _pairing_peak(trial), np.inf)  # [L, E]
-        tied = peak <= peak.min(axis=1, keepdims=True) * (1 + 1e-12)
+        tied = peak <= peak.min(axis=1, keepdims=True) * (1 + ROUNDING)
         pick = np.where(tied, -(weight / counts), -np.inf).argmax(axis=1)  # ties: split the coldest
         counts[rows, pick] += 1
         mine[rows, pick, free] = True
@@ -436,7 +437,7 @@ def pairing_search(weight: np.ndarray, counts: np.ndarray, num_ranks: int) -> np
             trial.sort(axis=1, kind="stable")
             trial_peak = (trial + trial[:, ::-1]).max(axis=1)
             best = int(trial_peak.argmin())
-            if trial_peak[best] >= peak * (1 - 1e-12):
+            if trial_peak[best] >= peak * (1 - ROUNDING):
                 break
             c[a[best]] += 1
             c[b[best]] -= 1
