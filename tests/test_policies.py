@@ -106,19 +106,21 @@ def test_refine_never_raises_the_peak_and_keeps_counts():
         assert np.all(rank_cost(out, w).max(axis=1) <= rank_cost(table, w).max(axis=1) + 1e-9)
 
 
+@pytest.mark.parametrize("coarse", [None, 0.0])
 @pytest.mark.parametrize("hot_ranks", [1, 2, 4])
-def test_refine_stops_where_no_swap_with_a_partner_lowers_the_peak(hot_ranks):
+def test_refine_stops_where_no_swap_with_a_partner_lowers_the_peak(hot_ranks, coarse):
     """Local optimality checked by brute force: when refine stops (no target, no gain
     floor), no swap of the costliest rank with any of its ``partners`` least loaded
     ranks lowers the pair's larger load below the peak, whether it relieved one hot rank
-    per step or several."""
+    per step or several, and whether coarse steps ran first (``coarse = 0``: every layer
+    takes them until they stop gaining)."""
     rng = np.random.default_rng(7)
     for _ in range(15):
         R, K, J = int(rng.integers(8, 17)), int(rng.integers(2, 6)), 3
         E = int(rng.integers(K, R * K + 1))
         table = np.stack([default_table(1, R, K, E)[0][rng.permutation(R)] for _ in range(2)])
         w = rng.gamma(0.5, 100, (2, E))
-        out = refine(table, w, partners=J, hot_ranks=hot_ranks)
+        out = refine(table, w, partners=J, hot_ranks=hot_ranks, coarse=coarse)
         validate_table(out, E)
         assert np.array_equal(logcnt(out, E), logcnt(table, E))
         for layer, wl in zip(out, w, strict=True):
@@ -131,6 +133,26 @@ def test_refine_stops_where_no_swap_with_a_partner_lowers_the_peak(hot_ranks):
                         continue  # a rank would hold an expert twice
                     d = item[i, k] - item[j, kj]
                     assert max(load[i] - d, load[j] + d) >= load[i] - 1e-9
+
+
+def test_coarse_step_pairs_the_hottest_ranks_with_the_coolest_hand_checked():
+    """8 ranks x 2 slots, one replica per expert, so a rank's load is its two weights:
+    20.5, 16, 10, 10, 10, 10, 4, 2.5 (mean 10.375). Above ``coarse = 12``, one coarse
+    step pairs the R // 4 = 2 hottest ranks with the 2 coolest, hottest with coolest:
+    20.5 with 2.5 balances at 11.5 and 11.5 (10 or 10.5 for 1.5 or 1: d = 9 either way),
+    16 with 4 at 10 and 10 (9 for 3 or 7 for 1: d = 6). The peak is then 11.5 <= 12, so
+    no second step; ``good_enough = inf`` keeps the fine search out."""
+    w = np.array([[10, 10.5, 9, 7, 5, 5, 5, 5, 5, 5, 5, 5, 1, 3, 1.5, 1]])
+    table = default_table(1, 8, 2, 16)
+    out = refine(table, w, coarse=12.0, good_enough=np.inf)
+    assert rank_cost(out, w)[0].tolist() == [11.5, 10, 10, 10, 10, 10, 10, 11.5]
+    assert np.array_equal(out[0, 2:6], table[0, 2:6])  # ranks at or below 12 that were not paired
+    assert (out != table).sum() == 4  # two swaps
+    # Below ``coarse`` nothing changes: the fine search alone decides.
+    w = np.random.default_rng(3).gamma(0.5, 100, (4, 16))
+    table = np.stack([default_table(1, 8, 2, 16)[0]] * 4)
+    peak = rank_cost(table, w).max(axis=1)
+    assert np.array_equal(refine(table, w, coarse=peak, partners=3), refine(table, w, partners=3))
 
 
 def test_refine_with_no_gain_floor_stops_instead_of_swapping_back_and_forth():
