@@ -229,27 +229,47 @@ def references(shape: Shape, trace: np.ndarray) -> dict[str, float]:
             "per-step lower bound": statistics.fmean(bound)}
 
 
-def time_full_shape(contender: Contender, trace: np.ndarray, repeat: int) -> dict[str, float]:
-    """Fastest of ``repeat`` calls, in ms, on DeepSeek-V3's full shape (58 layers, EP32):
-    ``first``, from vLLM's linear table (a fresh planner each time), and ``steady``, from
-    the contender's own plan for the previous window. ``trace [2, T, 58, 256]``. The
-    fastest, not the median: on a shared 2-core machine other work only adds time (the
-    median of 7 moved by up to 40 % between runs), and every contender is timed alike."""
+def time_full_shape(contenders: list[Contender], trace: np.ndarray, repeat: int) -> dict[str, dict | str]:
+    """Fastest of ``repeat`` calls per contender, in ms, on DeepSeek-V3's full shape (58
+    layers, EP32): ``first``, from vLLM's linear table (a fresh planner each time), and
+    ``steady``, from the contender's own plan for the previous window. ``trace [2, T, 58,
+    256]``. Round-robin (every contender once per round), and the fastest, not the median:
+    on a shared 2-core machine other work only adds time, in bursts of seconds that timed
+    each contender's calls back to back would pin on one contender (the median of 7 moved
+    by up to 40 % between runs). A contender that raises is reported by its error."""
     shape = SHAPES["deepseek-v3-ep32"]
     start = default_table(trace.shape[2], shape.ranks, shape.slots_per_rank, shape.experts)
     first_series = expert_to_slot_load(start, trace[0])
-    first, steady = [], []
+    first: dict[str, list[float]] = {c.name: [] for c in contenders}
+    steady: dict[str, list[float]] = {c.name: [] for c in contenders}
+    failed: dict[str, str] = {}
+    last: dict[str, tuple[Planner, np.ndarray, np.ndarray]] = {}  # planner, its table, the next window on it
     for _ in range(repeat):
-        plan = contender.make(shape)
-        t0 = time.perf_counter()
-        table = np.asarray(plan(start, first_series), dtype=np.int64)
-        first.append((time.perf_counter() - t0) * 1000)
-    series = expert_to_slot_load(table, trace[1])
+        for c in contenders:
+            if c.name in failed:
+                continue
+            try:
+                plan = c.make(shape)
+                t0 = time.perf_counter()
+                table = np.asarray(plan(start, first_series), dtype=np.int64)
+                first[c.name].append((time.perf_counter() - t0) * 1000)
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot handle the shape is reported, not fatal
+                failed[c.name] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            last[c.name] = (plan, table, expert_to_slot_load(table, trace[1]))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        plan(table, series)
-        steady.append((time.perf_counter() - t0) * 1000)
-    return {"first": round(min(first), 2), "steady": round(min(steady), 2)}
+        for c in contenders:
+            if c.name in failed:
+                continue
+            plan, table, series = last[c.name]
+            try:
+                t0 = time.perf_counter()
+                plan(table, series)
+                steady[c.name].append((time.perf_counter() - t0) * 1000)
+            except Exception as exc:  # noqa: BLE001 - as above
+                failed[c.name] = f"{type(exc).__name__}: {exc}"[:200]
+    return {c.name: failed.get(c.name) or {"first": round(min(first[c.name]), 2),
+                                           "steady": round(min(steady[c.name]), 2)} for c in contenders}
 
 
 FULL_SHAPE_SKEWS = ("moderate", "extreme")
@@ -310,11 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     full: dict[str, dict] = {c.name: {} for c in runs}
     for skew in FULL_SHAPE_SKEWS:
         full_trace = drifting_trace(256, 58, 2, 4, 256 * 32, 8, SKEWS[skew], args.drift, args.jitter, seed=args.seed)
-        for c in runs:
-            try:
-                full[c.name][skew] = time_full_shape(c, full_trace, args.full_repeat)
-            except Exception as exc:  # noqa: BLE001 - as above: reported in the summary, not fatal
-                full[c.name][skew] = f"{type(exc).__name__}: {exc}"[:200]
+        for name, result in time_full_shape(runs, full_trace, args.full_repeat).items():
+            full[name][skew] = result
     summary = summarize(rows, full)
     cases = per_case(rows)
     print_cases(cases)
