@@ -9,8 +9,9 @@ within ``target`` of the lower bound (each swap moves two slots, so stopping the
 than at the last gain saves moves: 0.20 -> 0.17 of the slots per update on the
 benchmark's large-K shapes, at fit >= 0.99). While a layer's peak is above ``COARSE``
 lower bounds, a quarter of its ranks swap per step before that search (a speed knob:
-from vLLM's linear table, V3 EP32 with the physical extreme heat, 27 -> 23 ms). The fresh placement is the ``optimal``
-policy's greedy start and swap search, with ranks renumbered to keep experts in place;
+from vLLM's linear table, V3 EP32 with the physical extreme heat, 27 -> 23 ms per call).
+The fresh placement is the ``optimal`` policy's greedy start and swap search, with ranks
+renumbered to keep experts in place;
 where every replica-count vector can be tried (few experts), it is the table that moves
 least among those within ``target`` of the lowest peak over the most promising count
 vectors (``search.every_count_table``).
