@@ -80,7 +80,7 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
 
     With ``coarse`` (``[L]`` or scalar), a layer whose peak is above it first takes coarse
     steps (:func:`_coarse_steps`): a quarter of its ranks swap at once, each with one
-    partner. From vLLM's linear table this takes ~40 % off the search's time; a table
+    partner. From vLLM's linear table this takes ~25 % off the search's time; a table
     whose peak is at or below ``coarse`` takes none. ``max_steps`` bounds each phase.
 
     A swap is taken only if it lowers the costliest rank's cost by more than ``min_gain``
