@@ -41,3 +41,50 @@ def test_full_shape_timing_reports_a_failing_contender_and_times_the_rest():
     timed = time_full_shape(runs, trace, repeat=2)
     assert timed["broken"] == "RuntimeError: no plan for this shape"
     assert set(timed["swift"]) == {"first", "steady"} and np.isfinite(list(timed["swift"].values())).all()
+
+
+def _fewest_changes_by_brute_force(old, weight, counts, peak):
+    """Every ordered table of ``R`` rank contents (``K`` distinct experts each) with
+    these replica counts and no rank above ``peak``: the fewest slots changed from ``old``."""
+    import itertools
+
+    R, K = old.shape
+    E = len(weight)
+    sets = list(itertools.combinations(range(E), K))
+    size = weight / counts
+    best = None
+    for table in itertools.product(sets, repeat=R):
+        if not np.array_equal(np.bincount(np.ravel(table), minlength=E), counts):
+            continue
+        if max(size[list(s)].sum() for s in table) > peak:
+            continue
+        moves = sum(len(set(s) - set(o)) for s, o in zip(table, old.tolist(), strict=True))
+        best = moves if best is None else min(best, moves)
+    return best
+
+
+def test_min_moves_program_matches_brute_force_on_small_layers():
+    from benchmarks.min_moves import min_moves
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(30):
+        R, K, E = 3, 2, int(rng.integers(4, 6))
+        old = np.stack([rng.choice(E, K, replace=False) for _ in range(R)])
+        other = np.stack([rng.choice(E, K, replace=False) for _ in range(R)])  # its counts and peak are reachable
+        counts = np.bincount(other.ravel(), minlength=E)
+        if (counts == 0).any():
+            continue
+        weight = rng.gamma(0.5, 100, E)
+        reach = ((weight / counts)[other]).sum(axis=1).max()
+        found = min_moves(old, weight, counts, reach, seconds=30)
+        expected = _fewest_changes_by_brute_force(old, weight, counts, reach)
+        assert found.proven and found.moves == expected == found.bound
+        table = found.table  # the table behind it: these counts, within reach, that many slots changed
+        assert np.array_equal(np.bincount(table.ravel(), minlength=E), counts)
+        assert ((weight / counts)[table]).sum(axis=1).max() <= reach * (1 + 1e-9)
+        assert (table != old).sum() == expected and all(len(set(row)) == K for row in table.tolist())
+        below = min_moves(old, weight, counts, 0.99 * weight.sum() / R, seconds=30)  # under the mean: impossible
+        assert not below.proven and below.moves is None and below.bound == np.inf
+        checked += 1
+    assert checked >= 10
