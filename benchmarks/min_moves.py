@@ -50,31 +50,26 @@ def min_moves(old: np.ndarray, weight: np.ndarray, counts: np.ndarray, peak: flo
     more than ``peak``. Binary ``x[e, r]``: rank ``r`` holds expert ``e``; a held pair
     keeps its slot, so the changed slots are the pairs ``old`` lacks."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
+    from scipy.sparse import csr_matrix
 
     R, K = old.shape
     E = len(weight)
     held = np.zeros((E, R), dtype=bool)
     held[old, np.arange(R)[:, None]] = True
-    var = np.arange(E * R).reshape(E, R)  # x[e, r]
+    x = np.arange(E * R).reshape(E, R)  # variable of (e, r)
     size = weight / np.maximum(counts, 1)
-    blocks = [  # (rows [n], cols [n], values [n], lower [m], upper [m]) per constraint family
-        (np.repeat(np.arange(E), R), var.ravel(), np.ones(E * R), counts, counts),  # each expert's replicas
-        (np.repeat(np.arange(R), E), var.T.ravel(), np.ones(E * R), np.full(R, K), np.full(R, K)),  # K per rank
-        (np.repeat(np.arange(R), E), var.T.ravel(), np.tile(size, R), np.zeros(R), np.full(R, peak)),  # loads
+
+    def rows(per_row: np.ndarray, values: np.ndarray) -> csr_matrix:  # one row per row of per_row [m, n]
+        m, n = per_row.shape
+        return csr_matrix((values.ravel(), (np.repeat(np.arange(m), n), per_row.ravel())), shape=(m, E * R))
+
+    constraints = [
+        LinearConstraint(rows(x, np.ones((E, R))), counts, counts),  # each expert's replicas
+        LinearConstraint(rows(x.T, np.ones((R, E))), K, K),  # K slots per rank
+        LinearConstraint(rows(x.T, np.tile(size, (R, 1))), 0, peak),  # rank loads
     ]
-    rows, cols, vals, lo, hi, offset = [], [], [], [], [], 0
-    for r, c, v, lower, upper in blocks:
-        rows.append(r + offset)
-        cols.append(c)
-        vals.append(v)
-        lo.append(lower)
-        hi.append(upper)
-        offset += len(lower)
-    A = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(offset, E * R))
-    res = milp((~held).ravel().astype(np.float64), constraints=LinearConstraint(A.tocsr(), np.concatenate(lo),
-                                                                                 np.concatenate(hi)),
-               integrality=np.ones(E * R), bounds=Bounds(0, 1), options={"time_limit": seconds})
+    res = milp((~held).ravel().astype(np.float64), constraints=constraints, integrality=np.ones(E * R),
+               bounds=Bounds(0, 1), options={"time_limit": seconds})
     moves = None if res.x is None else int(round(res.fun))
     bound = float(moves) if res.status == 0 and moves is not None else float(getattr(res, "mip_dual_bound", 0) or 0)
     if res.status == 2:  # infeasible: no table of these counts reaches ``peak``
