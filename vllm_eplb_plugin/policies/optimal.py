@@ -10,8 +10,10 @@ replica counts the min-max rule got wrong for packing (``tests/test_policies.py`
 measures both against exhaustive search on small cases). Option ``pairing``: with two
 slots per rank, also try counts searched on the exact sorted-pairing peak
 (``search.pairing_counts``, ``search.pairing_search``; see README for why it is off by
-default). Ranks are then renumbered to keep as many experts in place as possible (the template
-keeps a layer whose current table is already at least as good).
+default). Ranks are then renumbered to keep as many experts in place as possible, and
+replicas of nearly equal load are traded back to the ranks that held them without raising
+the peak (``search.trade_back``); the template keeps a layer whose current table is already
+at least as good.
 """
 
 from __future__ import annotations

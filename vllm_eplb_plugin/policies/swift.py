@@ -11,7 +11,8 @@ benchmark's large-K shapes, at fit >= 0.99). While a layer's peak is above ``COA
 lower bounds, a quarter of its ranks swap per step before that search (a speed knob:
 from vLLM's linear table, V3 EP32 with the physical extreme heat, 27 -> 23 ms per call).
 The fresh placement is the ``optimal`` policy's greedy start and swap search, with ranks
-renumbered to keep experts in place;
+renumbered to keep experts in place and replicas of nearly equal load traded back to the
+ranks that held them (``search.trade_back``: on EP144 x 2 23-39 % fewer moves);
 where every replica-count vector can be tried (few experts), it is the table that moves
 least among those within ``target`` of the lowest peak over the most promising count
 vectors (``search.every_count_table``).
