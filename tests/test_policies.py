@@ -304,7 +304,8 @@ def test_trade_back_returns_an_expert_by_a_hand_checked_trade():
     assert np.array_equal(trade_back(old, new, nearer), new)
 
 
-def test_trade_back_keeps_slots_without_raising_the_peak_or_the_ranks_near_it():
+@pytest.mark.parametrize("z", [0.0, 1.0])
+def test_trade_back_keeps_slots_without_raising_the_peak_or_the_ranks_near_it(z):
     from vllm_eplb_plugin.policies.search import table_for_counts
 
     rng = np.random.default_rng(7)
@@ -313,12 +314,13 @@ def test_trade_back_keeps_slots_without_raising_the_peak_or_the_ranks_near_it():
     for _ in range(4):
         w0 = rng.zipf(1.5, (L, E)).astype(float) * rng.integers(1, 20, (L, E))
         w1 = w0 * np.exp(rng.normal(0, 0.3, (L, E)))  # the load drifted
+        var = w1 * rng.uniform(0.5, 5, (L, E)) if z else None  # per-step variance (flashlb's cost)
         old = table_for_counts(w0, replica_counts(w0, R, R * K), R)
         new = align_ranks(old, table_for_counts(w1, replica_counts(w1, R, R * K), R), E)  # placed afresh
-        out = trade_back(old, new, w1)
+        out = trade_back(old, new, w1, var, z)
         validate_table(out, E)
         assert np.array_equal(logcnt(out, E), logcnt(new, E))
-        before, after = rank_load(new, w1), rank_load(out, w1)
+        before, after = rank_cost(new, w1, var, z), rank_cost(out, w1, var, z)
         peak, mean_rank = before.max(axis=1, keepdims=True), w1.sum(axis=1, keepdims=True) / R
         rise = after - before
         assert np.all(after.max(axis=1) <= before.max(axis=1) + 1e-9)  # the peak stays
@@ -329,8 +331,10 @@ def test_trade_back_keeps_slots_without_raising_the_peak_or_the_ranks_near_it():
         assert np.all(moved_out <= moved_new)
         fewer += int((moved_out < moved_new).sum())
         total_new, total_out = total_new + moved_new.sum(), total_out + moved_out.sum()
-    # Measured: every one of the 24 layers keeps more slots, 299 -> 149 changed in all.
+    # Measured: every one of the 24 layers keeps more slots; changed slots in all 299 ->
+    # 153 on plain loads (z = 0), 285 -> 124 with the variance (z = 1).
     assert fewer >= 20 and total_out <= 0.7 * total_new, (fewer, total_new, total_out)
+
 
 def _drifting_runs(policy: str, updates: int = 5, seed: int = 0):
     """Fit on window w, score on w + 1 (the benchmark's protocol), DeepSeek-V3 EP32 shape,

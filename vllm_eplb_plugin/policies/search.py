@@ -670,7 +670,7 @@ TRADE_ROUNDS = 4
 1717, 735, 326, 143, then 68 in four more rounds), so four take ~97 % of them."""
 
 
-def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray,
+def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
                steps: tuple[tuple[float, float], ...] = TRADE_STEPS) -> np.ndarray:
     """Put experts back where ``old`` had them by trading replicas of nearly equal load:
     a rank that lost expert ``e`` takes a replica of ``e`` from a rank that did not hold
@@ -678,8 +678,9 @@ def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray,
     where that rank held ``y``).
 
     A fresh placement re-pairs replicas freely, and many of its choices among replicas of
-    similar load are arbitrary. A trade raises a rank's load only as ``steps`` allow: by
-    default 1 % of the mean rank load up to the peak, 5 % up to 95 % of it. So the peak
+    similar load are arbitrary. A trade raises a rank's cost (``mean + z * sqrt(var)`` of
+    what it carries, :func:`rank_cost`) only as ``steps`` allow: by default by 1 % of the
+    mean rank load up to the layer's peak cost, or by 5 % up to 95 % of it. So the peak
     does not change, and the ranks near it, where the next window's peak comes from, gain
     little: a repair that put more ranks near the peak realized worse (README, "Moves").
     On DeepSeek-V3 EP144 x 2, where ``swift`` places afresh on most updates, its steady
@@ -687,68 +688,82 @@ def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray,
     trades (each rank in at most one per round), all layers together. Replica counts
     never change; the result is valid if ``new`` is.
 
-    ``old, new [L, R, K]``, ``mean [L, E]`` -> ``[L, R, K]``.
+    ``old, new [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]``.
     """
     t = new.copy()
     L, R, K = t.shape
     E = mean.shape[1]
-    per = mean / np.maximum(logcnt(t, E), 1)  # [L, E] load per replica
-    size_old = np.take_along_axis(per, old.reshape(L, -1), axis=1).reshape(L, R, K)  # what ``e`` weighs now
-    load = np.take_along_axis(per, t.reshape(L, -1), axis=1).reshape(L, R, K).sum(axis=-1)  # [L, R]
-    mean_rank, peak = mean.sum(axis=1, keepdims=True) / R, load.max(axis=1, keepdims=True)
-    budget = np.max([np.minimum(rise * mean_rank, np.maximum(ceiling * peak - load, 0)) for rise, ceiling in steps],
-                    axis=0).ravel()  # [L R]: what each rank may still gain
+    cnt = np.maximum(logcnt(t, E), 1)
+    per_m = (mean / cnt).ravel()  # [L E]: a replica's mean load, at (layer, expert) l * E + e
+    per_v = (np.zeros_like(mean) if var is None else var / cnt**2).ravel()
+    rank_m = per_m[np.arange(L)[:, None, None] * E + t].sum(axis=-1).ravel()  # [L R]
+    rank_v = per_v[np.arange(L)[:, None, None] * E + t].sum(axis=-1).ravel()
+
+    def cost(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return m + z * np.sqrt(np.maximum(v, 0)) if z else m
+
+    start = cost(rank_m, rank_v).reshape(L, R)
+    mean_rank, peak = mean.sum(axis=1, keepdims=True) / R, start.max(axis=1, keepdims=True)
+    # The highest cost each rank may reach: any one step allows it.
+    limit = np.max([np.minimum(start + rise * mean_rank, np.maximum(ceiling * peak, start)) for rise, ceiling in steps],
+                   axis=0).ravel()  # [L R]
     # Flat ids: rank q = l * R + r, (rank, expert) q * E + e: one integer per gather.
     q = np.arange(L * R).reshape(L, R, 1)
+    le = np.arange(L).reshape(L, 1, 1) * E  # (layer, expert) ids are le + e
     held = np.zeros(L * R * E, dtype=bool)  # ``old``'s (rank, expert) pairs
     held[(q * E + old).ravel()] = True
     holds = np.zeros(L * R * E, dtype=bool)
     holds[(q * E + t).ravel()] = True
-    lost_e = q * E + old  # [L, R, K]: rank's old expert, as (rank, expert) ids
     for _ in range(TRADE_ROUNDS):
         foreign = ~held[q * E + t]  # [L, R, K]: a slot whose expert its rank did not hold
-        lost = ~holds[lost_e]  # [L, R, K]: an old expert its rank no longer holds
+        lost = ~holds[q * E + old]  # [L, R, K]: an old expert its rank no longer holds
         # One rank per (layer, expert) where a replica of it is foreign (any: if it cannot
         # trade, the next round may pick another).
         source = np.full(L * E, -1)
         fl, fr, fk = np.nonzero(foreign)
         source[fl * E + t[fl, fr, fk]] = fl * R + fr
-        r2 = np.where(lost, source[np.arange(L)[:, None, None] * E + old], -1)  # [L, R, K]: giver of old slot j
+        r2 = np.where(lost, source[le + old], -1)  # [L, R, K]: giver of old slot j
         # Trades [L, R, j, k]: rank r takes back its old expert e (slot j) from r2 and gives
-        # it its foreign slot k (expert y); r gains d, r2 loses d.
-        d = size_old[..., :, None] - np.take_along_axis(per, t.reshape(L, -1), axis=1).reshape(L, R, 1, K)
+        # it its foreign slot k (expert y); r gains dm (and dv), r2 loses them.
+        e_id, y_id = (le + old)[..., :, None], (le + t)[..., None, :]
+        dm, dv = per_m[e_id] - per_m[y_id], per_v[e_id] - per_v[y_id]
         giver = np.maximum(r2, 0)[..., None]
+        taker = q.reshape(L, R, 1, 1)
         pair = giver * E + t[:, :, None, :]  # (giver, y)
         ok = (r2 >= 0)[..., None] & foreign[:, :, None, :] & ~holds[pair]
-        ok &= (d <= budget[q.reshape(L, R, 1, 1)]) & (-d <= budget[giver])
+        ok &= cost(rank_m[taker] + dm, rank_v[taker] + dv) <= limit[taker]
+        ok &= cost(rank_m[giver] - dm, rank_v[giver] - dv) <= limit[giver]
         if not ok.any():
             break
-        # Each rank's best trade: most slots kept, then the smallest load change (|d| is
+        # Each rank's best trade: most slots kept, then the smallest load change (|dm| is
         # within the largest rise, so the second term stays below one slot) ...
         gain = 1 + held[pair]
-        change = np.abs(d) / ((1 + max(rise for rise, _ in steps)) * mean_rank.reshape(L, 1, 1, 1) + 1e-300)
+        change = np.abs(dm) / ((1 + max(rise for rise, _ in steps)) * mean_rank.reshape(L, 1, 1, 1) + 1e-300)
         score = np.where(ok, gain - change, -np.inf).reshape(L * R, -1)
         best = score.argmax(axis=1)
-        taker = np.flatnonzero(score[np.arange(L * R), best] > -np.inf)
-        j, k = np.divmod(best[taker], K)
-        giver = r2.reshape(L * R, K)[taker, j]
+        takers = np.flatnonzero(score[np.arange(L * R), best] > -np.inf)
+        j, k = np.divmod(best[takers], K)
+        givers = r2.reshape(L * R, K)[takers, j]
         # ... taken where it comes first for both its ranks, so no rank is in two.
-        position = np.empty(taker.size, dtype=np.int64)
-        position[np.argsort(-score[taker, best[taker]], kind="stable")] = np.arange(taker.size)
-        first = np.full(L * R, taker.size)
-        np.minimum.at(first, taker, position)
-        np.minimum.at(first, giver, position)
-        take = (first[taker] == position) & (first[giver] == position)
-        taker, giver, j, k = taker[take], giver[take], j[take], k[take]
+        position = np.empty(takers.size, dtype=np.int64)
+        position[np.argsort(-score[takers, best[takers]], kind="stable")] = np.arange(takers.size)
+        first = np.full(L * R, takers.size)
+        np.minimum.at(first, takers, position)
+        np.minimum.at(first, givers, position)
+        take = (first[takers] == position) & (first[givers] == position)
+        takers, givers, j, k = takers[take], givers[take], j[take], k[take]
         tf = t.reshape(L * R, K)
-        e, y = old.reshape(L * R, K)[taker, j], tf[taker, k]
-        k2 = np.argmax(tf[giver] == e[:, None], axis=1)  # the slot of e on the giver
-        tf[taker, k], tf[giver, k2] = e, y
-        holds[taker * E + y] = holds[giver * E + e] = False
-        holds[taker * E + e] = holds[giver * E + y] = True
-        rise = per.ravel()[taker // R * E + e] - per.ravel()[taker // R * E + y]
-        budget[taker] -= rise
-        budget[giver] += rise
+        e, y = old.reshape(L * R, K)[takers, j], tf[takers, k]
+        k2 = np.argmax(tf[givers] == e[:, None], axis=1)  # the slot of e on the giver
+        tf[takers, k], tf[givers, k2] = e, y
+        holds[takers * E + y] = holds[givers * E + e] = False
+        holds[takers * E + e] = holds[givers * E + y] = True
+        layer = takers // R * E
+        moved_m, moved_v = per_m[layer + e] - per_m[layer + y], per_v[layer + e] - per_v[layer + y]
+        rank_m[takers] += moved_m
+        rank_m[givers] -= moved_m
+        rank_v[takers] += moved_v
+        rank_v[givers] -= moved_v
     return t
 
 COUNT_SPACE = 4096
@@ -851,8 +866,8 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
     algorithm), the swap search to convergence (with ``search_counts``, and ``z = 0``:
     also over replica counts, :func:`move_replicas`; with ``pairing`` and two slots per
     rank, also from :func:`pairing_counts` and :func:`pairing_search` where that is
-    better), ranks renumbered to match ``old`` and, with ``z = 0``, replicas of nearly
-    equal load traded back to the ranks of ``old`` that held them (:func:`trade_back`).
+    better), ranks renumbered to match ``old`` and replicas of nearly equal load traded
+    back to the ranks of ``old`` that held them (:func:`trade_back`).
 
     ``old [L, R, K]``, ``mean, var [L, E]`` -> ``[L, R, K]`` (slot order not preserved).
     """
@@ -885,6 +900,4 @@ def fresh_table(old: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
         gap = np.flatnonzero(peak > good_enough)
         if gap.size:
             placed[gap] = move_replicas(placed[gap], mean[gap], good_enough=good_enough[gap])
-    placed = align_ranks(old, placed, mean.shape[1])
-    # A trade of equal-load replicas changes ``mean + z * sqrt(var)`` unevenly: plain loads only.
-    return placed if z else trade_back(old, placed, mean)
+    return trade_back(old, align_ranks(old, placed, mean.shape[1]), mean, var, z)
