@@ -283,7 +283,6 @@ def test_align_ranks_undoes_a_rank_permutation():
     assert np.array_equal(align_ranks(table, shuffled, 64), table)
 
 
-
 def test_trade_back_returns_an_expert_by_a_hand_checked_trade():
     # A fresh placement put expert 1 on rank 1 and expert 2 (0.2 heavier) on rank 0; the
     # old table had them the other way round. Loads: rank 0 20.2, rank 1 20, rank 2 40

@@ -660,9 +660,9 @@ def align_ranks(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarra
 
 
 TRADE_STEPS = ((0.01, 1.0), (0.05, 0.95))
-"""What :func:`trade_back` may add to a rank's load: pairs (rise, ceiling), a rise of at
+"""What :func:`trade_back` may add to a rank's cost: pairs (rise, ceiling), a rise of at
 most ``rise`` times the mean rank load that leaves the rank at most ``ceiling`` times its
-layer's peak; any one pair suffices. Ranks near the peak only take small rises."""
+layer's peak cost; any one pair suffices. Ranks near the peak only take small rises."""
 
 
 TRADE_ROUNDS = 4
@@ -696,8 +696,10 @@ def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarr
     cnt = np.maximum(logcnt(t, E), 1)
     per_m = (mean / cnt).ravel()  # [L E]: a replica's mean load, at (layer, expert) l * E + e
     per_v = (np.zeros_like(mean) if var is None else var / cnt**2).ravel()
-    rank_m = per_m[np.arange(L)[:, None, None] * E + t].sum(axis=-1).ravel()  # [L R]
-    rank_v = per_v[np.arange(L)[:, None, None] * E + t].sum(axis=-1).ravel()
+    le = np.arange(L).reshape(L, 1, 1) * E  # (layer, expert) ids are le + e
+    old_id = le + old  # [L, R, K]
+    rank_m = per_m[le + t].sum(axis=-1).ravel()  # [L R]
+    rank_v = per_v[le + t].sum(axis=-1).ravel()
 
     def cost(m: np.ndarray, v: np.ndarray) -> np.ndarray:
         return m + z * np.sqrt(np.maximum(v, 0)) if z else m
@@ -707,25 +709,28 @@ def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarr
     # The highest cost each rank may reach: any one step allows it.
     limit = np.max([np.minimum(start + rise * mean_rank, np.maximum(ceiling * peak, start)) for rise, ceiling in steps],
                    axis=0).ravel()  # [L R]
+    # The second key of a trade's score: its load change, below one slot (|dm| is within
+    # the largest rise).
+    scale = (1 + max(rise for rise, _ in steps)) * mean_rank.reshape(L, 1, 1, 1) + 1e-300
     # Flat ids: rank q = l * R + r, (rank, expert) q * E + e: one integer per gather.
     q = np.arange(L * R).reshape(L, R, 1)
-    le = np.arange(L).reshape(L, 1, 1) * E  # (layer, expert) ids are le + e
-    held = np.zeros(L * R * E, dtype=bool)  # ``old``'s (rank, expert) pairs
-    held[(q * E + old).ravel()] = True
+    held_old = q * E + old  # [L, R, K]: ``old``'s (rank, expert) pairs
+    held = np.zeros(L * R * E, dtype=bool)
+    held[held_old.ravel()] = True
     holds = np.zeros(L * R * E, dtype=bool)
     holds[(q * E + t).ravel()] = True
     for _ in range(TRADE_ROUNDS):
         foreign = ~held[q * E + t]  # [L, R, K]: a slot whose expert its rank did not hold
-        lost = ~holds[q * E + old]  # [L, R, K]: an old expert its rank no longer holds
+        lost = ~holds[held_old]  # [L, R, K]: an old expert its rank no longer holds
         # One rank per (layer, expert) where a replica of it is foreign (any: if it cannot
         # trade, the next round may pick another).
         source = np.full(L * E, -1)
         fl, fr, fk = np.nonzero(foreign)
         source[fl * E + t[fl, fr, fk]] = fl * R + fr
-        r2 = np.where(lost, source[le + old], -1)  # [L, R, K]: giver of old slot j
+        r2 = np.where(lost, source[old_id], -1)  # [L, R, K]: giver of old slot j
         # Trades [L, R, j, k]: rank r takes back its old expert e (slot j) from r2 and gives
         # it its foreign slot k (expert y); r gains dm (and dv), r2 loses them.
-        e_id, y_id = (le + old)[..., :, None], (le + t)[..., None, :]
+        e_id, y_id = old_id[..., :, None], (le + t)[..., None, :]
         dm, dv = per_m[e_id] - per_m[y_id], per_v[e_id] - per_v[y_id]
         giver = np.maximum(r2, 0)[..., None]
         taker = q.reshape(L, R, 1, 1)
@@ -735,11 +740,8 @@ def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarr
         ok &= cost(rank_m[giver] - dm, rank_v[giver] - dv) <= limit[giver]
         if not ok.any():
             break
-        # Each rank's best trade: most slots kept, then the smallest load change (|dm| is
-        # within the largest rise, so the second term stays below one slot) ...
-        gain = 1 + held[pair]
-        change = np.abs(dm) / ((1 + max(rise for rise, _ in steps)) * mean_rank.reshape(L, 1, 1, 1) + 1e-300)
-        score = np.where(ok, gain - change, -np.inf).reshape(L * R, -1)
+        # Each rank's best trade: most slots kept, then the smallest load change ...
+        score = np.where(ok, 1 + held[pair] - np.abs(dm) / scale, -np.inf).reshape(L * R, -1)
         best = score.argmax(axis=1)
         takers = np.flatnonzero(score[np.arange(L * R), best] > -np.inf)
         j, k = np.divmod(best[takers], K)
@@ -765,6 +767,7 @@ def trade_back(old: np.ndarray, new: np.ndarray, mean: np.ndarray, var: np.ndarr
         rank_v[takers] += moved_v
         rank_v[givers] -= moved_v
     return t
+
 
 COUNT_SPACE = 4096
 """Largest number of replica-count vectors :func:`every_count_table` tries per layer."""
