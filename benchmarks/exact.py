@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-__all__ = ["EXACT_LIMIT", "exact_tables", "best_peak"]
+__all__ = ["EXACT_LIMIT", "exact_tables", "rank_contents", "table_peaks", "best_peak"]
 
 EXACT_LIMIT = 1_000_000
 """Largest number of tables :func:`best_peak` scores (Mixtral EP4 x 3: 455,126)."""
@@ -30,9 +30,13 @@ def exact_tables(num_experts: int, num_ranks: int, slots_per_rank: int) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _choices(num_experts: int, num_ranks: int, slots_per_rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """``member [N_sets, E]`` (0/1: which experts a rank content holds) and ``choices
-    [N, R]`` (the rank contents of each table)."""
+def rank_contents(num_experts: int, num_ranks: int, slots_per_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every table, up to the order of its ranks: ``member [S, E]`` (0/1: which experts
+    each of the ``S = C(E, K)`` possible rank contents holds) and ``choices [N, R]`` (the
+    rank contents of each table, a multiset: ascending)."""
+    if exact_tables(num_experts, num_ranks, slots_per_rank) > EXACT_LIMIT:
+        raise ValueError(f"{exact_tables(num_experts, num_ranks, slots_per_rank)} tables for E={num_experts}, "
+                         f"R={num_ranks}, K={slots_per_rank}: more than EXACT_LIMIT={EXACT_LIMIT}")
     sets = np.array(list(itertools.combinations(range(num_experts), slots_per_rank)))
     member = np.zeros((len(sets), num_experts))
     member[np.arange(len(sets))[:, None], sets] = 1
@@ -40,20 +44,21 @@ def _choices(num_experts: int, num_ranks: int, slots_per_rank: int) -> tuple[np.
     return member, choices
 
 
-def best_peak(weight: np.ndarray, num_ranks: int, slots_per_rank: int) -> float:
-    """Smallest max rank load over every valid table of one layer, ``weight [E]``."""
-    E = len(weight)
-    if exact_tables(E, num_ranks, slots_per_rank) > EXACT_LIMIT:
-        raise ValueError(f"{exact_tables(E, num_ranks, slots_per_rank)} tables for E={E}, R={num_ranks}, "
-                         f"K={slots_per_rank}: more than EXACT_LIMIT={EXACT_LIMIT}")
-    member, choices = _choices(E, num_ranks, slots_per_rank)
-    best = np.inf
-    for chunk in np.array_split(choices, max(1, len(choices) // 50_000)):
-        held = member[chunk]  # [N, R, E]
-        counts = held.sum(axis=1)  # [N, E]
+def table_peaks(weight: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
+    """Max rank load ``[N]`` of every table of :func:`rank_contents` for one layer's
+    ``weight [E]`` (each expert's load split evenly over its replicas); ``inf`` where a
+    table leaves an expert out."""
+    member, choices = rank_contents(len(weight), num_ranks, slots_per_rank)
+    peaks = np.empty(len(choices))
+    for chunk in np.array_split(np.arange(len(choices)), max(1, len(choices) // 50_000)):
+        held = member[choices[chunk]]  # [n, R, E]
+        counts = held.sum(axis=1)  # [n, E]
         per_replica = weight / np.maximum(counts, 1)
         peak = (held * per_replica[:, None, :]).sum(axis=-1).max(axis=1)
-        covered = (counts > 0).all(axis=1)
-        if covered.any():
-            best = min(best, float(peak[covered].min()))
-    return best
+        peaks[chunk] = np.where((counts > 0).all(axis=1), peak, np.inf)
+    return peaks
+
+
+def best_peak(weight: np.ndarray, num_ranks: int, slots_per_rank: int) -> float:
+    """Smallest max rank load over every valid table of one layer, ``weight [E]``."""
+    return float(table_peaks(weight, num_ranks, slots_per_rank).min())

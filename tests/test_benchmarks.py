@@ -88,3 +88,42 @@ def test_min_moves_program_matches_brute_force_on_small_layers():
         assert not below.proven and below.moves is None and below.bound == np.inf
         checked += 1
     assert checked >= 10
+
+
+def test_moves_bound_hand_checked_path():
+    from benchmarks.moves_bound import path_bound
+
+    # 3 experts on 2 ranks x 2 slots. Window 0 [2, 1, 1]: only {0,1}{0,2} reaches peak 2 (a
+    # doubled expert 1 or 2 leaves a rank at 2.5). Window 1 [1, 1, 2]: only {0,2}{1,2}. The
+    # rank holding {0,2} keeps it; {0,1} -> {1,2} changes one slot.
+    windows = np.array([[2.0, 1, 1], [1, 1, 2]])
+    assert path_bound(windows, 2, 2, fit=1.0) == 1
+    assert path_bound(windows, 2, 2, fit=0.8) == 0  # peak 2.5 allowed: {0,1}{0,2} fits both
+
+
+def test_moves_bound_matches_brute_force_over_labelled_tables():
+    import itertools
+
+    from benchmarks.moves_bound import path_bound
+
+    rng = np.random.default_rng(3)
+    E, R, K = 4, 3, 2
+    contents = list(itertools.combinations(range(E), K))
+    tables = [t for t in itertools.product(contents, repeat=R) if len(set().union(*t)) == E]
+
+    def peak(table, w):
+        counts = np.bincount(np.ravel(table), minlength=E)
+        return max(sum(w[e] / counts[e] for e in rank) for rank in table)
+
+    for _ in range(10):
+        windows = rng.gamma(0.7, 10, (3, E))
+        fit = float(rng.choice([1.0, 0.97, 0.9]))
+        fitting = []
+        for w in windows:
+            peaks = [peak(t, w) for t in tables]
+            fitting.append([t for t, p in zip(tables, peaks, strict=True) if p <= min(peaks) / fit * (1 + 1e-12)])
+        cost = {t: 0 for t in fitting[0]}
+        for after in fitting[1:]:
+            cost = {b: min(c + sum(len(set(nb) - set(na)) for na, nb in zip(a, b, strict=True))
+                           for a, c in cost.items()) for b in after}
+        assert path_bound(windows, R, K, fit) == min(cost.values())
