@@ -66,7 +66,8 @@ def rank_cost(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None
 def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z: float = 0.0,
            min_gain: np.ndarray | float = 0.0, max_steps: int | None = None,
            partners: int | None = None, good_enough: np.ndarray | float = 0.0, hot_ranks: int = 1,
-           coarse: np.ndarray | float | None = None) -> np.ndarray:
+           coarse: np.ndarray | float | None = None, old: np.ndarray | None = None,
+           near: np.ndarray | float = np.inf) -> np.ndarray:
     """Swap local search: while it helps, swap one replica of the costliest rank with one
     replica of another rank, choosing the swap that leaves the pair's larger cost lowest
     (only the ``partners`` least costly ranks are tried when given: faster, a little less
@@ -86,6 +87,16 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     A swap is taken only if it lowers the costliest rank's cost by more than ``min_gain``
     (``[L]`` or scalar, absolute), and a layer stops once its peak is ``<= good_enough``
     (``[L]`` or scalar), so a caller that pays for moves can skip marginal ones.
+
+    With ``old [L, R, K]`` (the table before this update; plain loads only), a hot rank
+    instead takes, of its swaps that leave both ranks at or under ``good_enough``, one
+    that touches the fewest slots still holding what ``old`` held there, then the lowest
+    pair peak (no such swap: the lowest peak, as without ``old``). A swap that gives
+    away a replica placed earlier in this update changes one more slot, not two. This
+    applies in the layers whose peak starts at or under ``near`` (``[L]`` or scalar): a
+    layer far above it is rebuilt and most of its slots change anyway, so there the
+    extra arithmetic (about one more scoring pass per step) would only cost time.
+
     Replica counts never change; the result is valid if ``table`` is. All layers advance
     together. (Moves that change replica counts were tried too: on the benchmark shapes
     they never lowered a converged peak and cost 3-5x time.)
@@ -108,14 +119,23 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
     J = R - 1 if partners is None else min(partners, R - 1)
     H = max(1, min(hot_ranks, (R - J + 1) // 2))  # H hot ranks and J + H - 1 partners, all distinct
     J += H - 1
-    scores = _swap_scores if z == 0 else functools.partial(_swap_scores_risk, z=z)
+    # One grid buffer for every step: a fresh array of its size pays its page faults each time.
+    work = np.empty(J * K * K * L * H) if z == 0 else None
+    scores = functools.partial(_swap_scores, work=work) if z == 0 else functools.partial(_swap_scores_risk, z=z)
+    far = None if coarse is None else np.broadcast_to(np.asarray(coarse, dtype=np.float64), (L,))
+    # The layers whose swaps count the slots kept from ``old``, and what each slot held
+    # before this update (-1, which no slot holds, in the other layers).
+    keep = np.zeros(L, dtype=bool)
+    before = np.full((L * R, K), -1)
+    if old is not None and z == 0:
+        keep = rank_m.max(axis=1) <= near
+        before = np.where(keep[:, None, None], old, -1).reshape(L * R, K)
 
     def cost_of(rows: np.ndarray) -> np.ndarray:  # [n] -> [n, R]
         return rank_m[rows] if z == 0 else rank_m[rows] + z * np.sqrt(np.maximum(rank_v[rows], 0))
 
     steps = max_steps if max_steps is not None else 4 * R * K
-    if coarse is not None and R > 1:
-        far = np.broadcast_to(np.asarray(coarse, dtype=np.float64), (L,))
+    if far is not None and R > 1:
         _coarse_steps(book, cost_of, scores, far, gain_floor, steps)
     active = np.arange(L) if R > 1 else np.arange(0)
     for _ in range(steps):
@@ -137,15 +157,19 @@ def refine(table: np.ndarray, mean: np.ndarray, var: np.ndarray | None = None, z
         if H > 1:
             cold = np.repeat(cold, H, axis=0)  # [n H, J]
         score, grid = scores(book, hot, cold)  # [J, n H], [J, K K, n H]
+        order, best = score, None
+        if keep[a].any():
+            score, order, best = _keep_old(book, before, hot, cold, grid, np.repeat(stop_at[a], H))
         now = cost[np.arange(n)[:, None], i]  # [n, H]
         # A swap must gain more than rounding: the score (the pair's mean load plus |...|,
         # see _swap_scores) can land an ulp below an unchanged peak, and a search with no
         # gain floor would then swap one pair back and forth until max_steps.
         need = np.maximum(gain_floor[a][:, None], ROUNDING * now)  # [n, H]
-        partner, taken = _pick_partners(score.reshape(J, n, H), now, need, stop_at[a])
+        partner, taken = _pick_partners(score.reshape(J, n, H), order.reshape(J, n, H), now, need, stop_at[a])
         which = np.flatnonzero(taken)  # into the n H rows
         jj = partner.ravel()[which]
-        k, kj = np.divmod(grid[jj, :, which].argmin(axis=1), K)  # the swap behind the partner's score
+        swap = grid[jj, :, which].argmin(axis=1) if best is None else best[jj, which]  # the swap behind the score
+        k, kj = np.divmod(swap, K)
         book.swap(hot[which], k, cold[which, jj], kj)
         active = a[taken[:, 0]]
     return t
@@ -191,25 +215,60 @@ def _coarse_steps(book: _Book, cost_of: Callable[[np.ndarray], np.ndarray], scor
         active = a[taken.reshape(n, P).any(axis=1)]
 
 
-def _pick_partners(score: np.ndarray, now: np.ndarray, need: np.ndarray,
+def _keep_old(book: _Book, before: np.ndarray, hot: np.ndarray, cold: np.ndarray, grid: np.ndarray,
+              stop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`refine`'s choice with ``old``: per hot rank ``hot [m]`` and partner ``cold
+    [m, J]``, the swap that keeps both ranks at or under ``stop [m]`` and touches the
+    fewest slots still holding what ``before [L * R, K]`` says, then the lowest peak; the
+    lowest peak where no swap keeps both under ``stop``.
+
+    ``grid [J, K K, m]`` is :func:`_swap_scores`'s (the peak minus ``(H + C) / 2``); it is
+    overwritten. Returns the chosen swap's peak ``[J, m]``, an order over partners ``[J, m]`` (the
+    swap's class times ``span``, plus its peak: class 0-2 old slots touched, 3 over
+    ``stop``) and the swap ``[J, m]`` (an index into ``K K``). A slot that would hold its
+    old expert again counts as touched: such restores are rare, and counting them would
+    double the arithmetic.
+    """
+    J, KK, m = grid.shape
+    base = ((book.rank_m[hot][:, None] + book.rank_m[cold]) / 2).T  # [J, m]
+    # In int8 and in place, without boolean masks: on this grid a masked write costs
+    # 10x a pass, and a fresh float array of its size pays its page faults every step.
+    kept = book.table == before  # [L * R, K]: one pass here is cheaper than gathering both
+    kept_h = np.ascontiguousarray(kept[hot].T)  # [K, m]
+    kept_c = np.ascontiguousarray(kept[cold].transpose(1, 2, 0))  # [J, K, m]
+    cls = np.add(kept_h[None, :, None], kept_c[:, None], dtype=np.int8).reshape(J, KK, m)
+    over = np.greater(grid, (stop - base)[:, None]).view(np.int8)
+    cls *= 1 - over
+    cls += 3 * over
+    span = 4 * float(np.abs(stop).max() + np.abs(base).max())  # above any grid value
+    grid *= 1 / span
+    grid += cls  # the order (class, then peak) over swaps, in units of span
+    best = grid.argmin(axis=1)  # [J, m]
+    at = (np.arange(J)[:, None] * KK + best) * m + np.arange(m)  # flat index of each chosen swap
+    order = grid.ravel()[at] * span  # [J, m]
+    peak = order - cls.ravel()[at] * span + base
+    return peak, order + base, best
+
+
+def _pick_partners(score: np.ndarray, order: np.ndarray, now: np.ndarray, need: np.ndarray,
                    stop_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Partner of each hot rank and whether its swap is taken: ``score [J, n, H]`` (the
-    best peak of hot rank ``h`` with partner ``j``), ``now [n, H]`` (the hot ranks'
-    costs), ``need [n, H]`` (the gain a swap must beat), ``stop_at [n]`` -> ``partner,
-    taken [n, H]``. Costliest first, each hot rank takes its best partner no costlier one
-    took; a layer whose costliest rank cannot gain takes no swap at all."""
+    peak of hot rank ``h``'s chosen swap with partner ``j``), ``order [J, n, H]`` (how
+    partners rank: ``score`` itself, or :func:`_keep_old`'s order), ``now [n, H]`` (the
+    hot ranks' costs), ``need [n, H]`` (the gain a swap must beat), ``stop_at [n]`` ->
+    ``partner, taken [n, H]``. Costliest first, each hot rank takes its first partner no
+    costlier one took; a layer whose costliest rank cannot gain takes no swap at all."""
     J, n, H = score.shape
     cols = np.arange(n)
     if H == 1:
-        jj = score[:, :, 0].argmin(axis=0)
+        jj = order[:, :, 0].argmin(axis=0)
         return jj[:, None], (now[:, 0] - score[jj, cols, 0] > need[:, 0])[:, None]
     taken = np.zeros((n, H), dtype=bool)
     partner = np.zeros((n, H), dtype=np.int64)
     free = np.ones((J, n), dtype=bool)
     for h in range(H):
-        sc = np.where(free, score[:, :, h], np.inf)
-        partner[:, h] = jj = sc.argmin(axis=0)
-        taken[:, h] = (now[:, h] - sc[jj, cols] > need[:, h]) & (now[:, h] > stop_at)
+        partner[:, h] = jj = np.where(free, order[:, :, h], np.inf).argmin(axis=0)
+        taken[:, h] = free[jj, cols] & (now[:, h] - score[jj, cols, h] > need[:, h]) & (now[:, h] > stop_at)
         free[jj[taken[:, h]], cols[taken[:, h]]] = False
     taken &= taken[:, :1]
     return partner, taken
@@ -262,7 +321,8 @@ BIG = 1e300
 differences of two impossible terms stay ordered instead of turning into nan)."""
 
 
-def _swap_scores(book: _Book, hot: np.ndarray, cold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _swap_scores(book: _Book, hot: np.ndarray, cold: np.ndarray,
+                 work: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Swaps between rank ``hot [m]`` and each of ``cold [m, J]`` on plain loads: the
     lowest peak per partner ``[J, m]`` and the grid ``[J, K K, m]`` it comes from (the
     swap of hot slot ``k`` with partner slot ``kj`` is at ``k * K + kj``, and its peak is
@@ -273,7 +333,7 @@ def _swap_scores(book: _Book, hot: np.ndarray, cold: np.ndarray) -> tuple[np.nda
     partner the best swap is the closest pair of two short lists: a subtraction, an
     absolute value and a minimum. The grid is laid out with the rows last so that every
     operand is contiguous along the long axis: with the short ``K`` last, numpy's per-row
-    overhead was most of a step.
+    overhead was most of a step. ``work``, if large enough, holds the grid (no allocation).
     """
     m, J = cold.shape
     K = book.item_m.shape[1]
@@ -281,7 +341,9 @@ def _swap_scores(book: _Book, hot: np.ndarray, cold: np.ndarray) -> tuple[np.nda
     i_ok, j_ok = book.can_swap(hot, cold)
     give = np.where(j_ok, book.item_m[hot][:, :, None], BIG).transpose(2, 1, 0)  # [J, K, m]
     take = np.where(i_ok, book.item_m[cold] + ((H[:, None] - C) / 2)[:, :, None], -BIG).transpose(1, 2, 0)  # [J, K, m]
-    grid = np.subtract(np.ascontiguousarray(give)[:, :, None], np.ascontiguousarray(take)[:, None])  # [J, K, K, m]
+    out = None if work is None or work.size < J * K * K * m else work[:J * K * K * m].reshape(J, K, K, m)
+    grid = np.subtract(np.ascontiguousarray(give)[:, :, None], np.ascontiguousarray(take)[:, None],
+                       out=out)  # [J, K, K, m]
     np.abs(grid, out=grid)
     grid = grid.reshape(J, K * K, m)
     return grid.min(axis=1) + ((H[:, None] + C) / 2).T, grid
