@@ -240,7 +240,7 @@ def _keep_old(book: _Book, before: np.ndarray, hot: np.ndarray, cold: np.ndarray
     over = np.greater(grid, (stop - base)[:, None]).view(np.int8)
     cls *= 1 - over
     cls += 3 * over
-    span = 4 * float(np.abs(stop).max() + np.abs(base).max())  # above any grid value
+    span = 4 * float(np.abs(stop).max() + np.abs(base).max())  # above any grid value within stop
     grid *= 1 / span
     grid += cls  # the order (class, then peak) over swaps, in units of span
     best = grid.argmin(axis=1)  # [J, m]
