@@ -241,6 +241,32 @@ def test_swift_moves_fewer_slots_by_keeping_old_ones_at_the_same_fit():
     assert moves[1.5] <= 0.85 * moves[0.0], moves  # measured: 491 vs 637 slots over 4 updates
 
 
+def test_swift_repairs_a_stuck_layer_with_every_rank_as_partner_instead_of_replacing_it():
+    """Kimi-K2 (EP64 x 7), extreme heat, the benchmark's trace with seed 1: on the fifth
+    update the repair with the 8 coolest ranks as partners leaves layer 1 more than
+    ``slack`` above the lower bound. With every rank as a partner the same repair reaches
+    ``target``, so swift keeps it instead of a fresh placement, which changed 342 of the
+    layer's 448 slots (the trade back included)."""
+    from benchmarks.traces import SKEWS, drifting_trace
+    from vllm_eplb_plugin.policies.swift import SwiftPolicy
+
+    R, K, E = 64, 7, 384
+    trace = drifting_trace(E, 8, 6, 32, 256 * R, 8, SKEWS["extreme"], seed=1)
+    policy = create_policy("swift")
+    table = default_table(8, R, K, E)
+    for w in range(4):
+        table = policy.rebalance_experts(table, expert_to_slot_load(table, trace[w])).new_table
+    load = trace[4].sum(axis=0).astype(float)
+    bound = lower_bound(load, R, R * K)
+    fast = refine(recount(table, replica_counts(load, R, R * K), load), load, partners=SwiftPolicy.PARTNERS,
+                  min_gain=0.001 * load.sum(axis=1) / R, good_enough=1.008 * bound, hot_ranks=SwiftPolicy.HOT_RANKS,
+                  coarse=SwiftPolicy.COARSE * bound, old=table, near=SwiftPolicy.NEAR * bound)
+    assert rank_load(fast, load)[1].max() > 1.01 * bound[1]  # stuck: the case this test is about
+    new = policy.rebalance_experts(table, expert_to_slot_load(table, trace[4])).new_table
+    assert rank_load(new, load)[1].max() <= 1.008 * bound[1]
+    assert changed_slots(table, new)[1] <= 70  # measured: 60
+
+
 def test_refine_with_no_gain_floor_stops_instead_of_swapping_back_and_forth():
     """The swap score ``(H + C) / 2 + |a - (b + (H - C) / 2)|`` can land an ulp below an
     unchanged peak. Without a rounding floor, 6 of these 58 layers (V3 EP32, extreme

@@ -22,7 +22,11 @@ ranks that held them (``search.trade_back``: on EP144 x 2 23-39 % fewer moves);
 where every replica-count vector can be tried (few experts), it is the table that moves
 least among those within ``target`` of the lowest peak over the most promising count
 vectors (``search.every_count_table``).
-Per layer, repair wins unless its peak is more than ``slack`` above the fresh one; this is
+A layer whose repair stays more than ``slack`` above the lower bound is first repaired again
+with every rank as a partner, kept where that reaches ``target`` (on Kimi extreme heat one
+layer in 40 updates is stuck this way; the second search brings it within target for 2-15
+more slots, where the fresh placement changed 290-440 of 448). Elsewhere,
+per layer, repair wins unless its peak is more than ``slack`` above the fresh one; this is
 what lets the policy converge from any start (a linear start needs the fresh placement
 once, every later update is a repair). The fresh placement is only computed for layers
 whose repaired peak is more than ``slack`` above the lower bound, so a steady-state call
@@ -67,6 +71,16 @@ class SwiftPolicy(PlacementPolicy):
                         hot_ranks=self.HOT_RANKS, coarse=self.COARSE * bound, old=table, near=self.NEAR * bound)
         peak = rank_cost(target, expert_load).max(axis=1)
         far = np.flatnonzero(peak > slack * bound)
+        if far.size:
+            # A repair stuck above ``slack`` mostly lacks a partner among the coolest few:
+            # with every rank as a partner it often reaches ``target`` for a few more slots,
+            # where a fresh placement would change most of them.
+            good = (1 + self.options["target"]) * bound[far]
+            deep = refine(target[far], expert_load[far], min_gain=self.options["min_gain"] * mean_rank[far],
+                          good_enough=good, old=table[far])
+            done = rank_cost(deep, expert_load[far]).max(axis=1) <= good
+            target[far[done]] = deep[done]
+            far = far[~done]
         if far.size:
             # Where every replica-count vector can be tried (few experts), the fresh
             # placement tries them (min-max counts pack badly there) and, of the tables
