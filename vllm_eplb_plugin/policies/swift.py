@@ -25,7 +25,8 @@ vectors (``search.every_count_table``).
 A layer whose repair stays more than ``slack`` above the lower bound is first repaired again
 with every rank as a partner, kept where that reaches ``target`` (on Kimi extreme heat one
 layer in 40 updates is stuck this way; the second search brings it within target for 2-15
-more slots, where the fresh placement changed 290-440 of 448). Elsewhere,
+more slots than the stuck repair, where the fresh placement changed 433-436 of Kimi's 448
+slots before its trade back, 342 after, and 292 of V3 EP64's 320). Elsewhere,
 per layer, repair wins unless its peak is more than ``slack`` above the fresh one; this is
 what lets the policy converge from any start (a linear start needs the fresh placement
 once, every later update is a repair). The fresh placement is only computed for layers
@@ -66,19 +67,18 @@ class SwiftPolicy(PlacementPolicy):
         counts = replica_counts(expert_load, R, R * K)
         mean_rank = expert_load.sum(axis=1) / R
         bound = np.maximum(mean_rank, (expert_load / counts).max(axis=1))  # search.lower_bound, counts reused
-        target = refine(recount(table, counts, expert_load), expert_load, partners=self.PARTNERS,
-                        min_gain=self.options["min_gain"] * mean_rank, good_enough=(1 + self.options["target"]) * bound,
-                        hot_ranks=self.HOT_RANKS, coarse=self.COARSE * bound, old=table, near=self.NEAR * bound)
+        min_gain, good = self.options["min_gain"] * mean_rank, (1 + self.options["target"]) * bound  # [L]
+        target = refine(recount(table, counts, expert_load), expert_load, partners=self.PARTNERS, min_gain=min_gain,
+                        good_enough=good, hot_ranks=self.HOT_RANKS, coarse=self.COARSE * bound, old=table,
+                        near=self.NEAR * bound)
         peak = rank_cost(target, expert_load).max(axis=1)
         far = np.flatnonzero(peak > slack * bound)
         if far.size:
             # A repair stuck above ``slack`` mostly lacks a partner among the coolest few:
             # with every rank as a partner it often reaches ``target`` for a few more slots,
             # where a fresh placement would change most of them.
-            good = (1 + self.options["target"]) * bound[far]
-            deep = refine(target[far], expert_load[far], min_gain=self.options["min_gain"] * mean_rank[far],
-                          good_enough=good, old=table[far])
-            done = rank_cost(deep, expert_load[far]).max(axis=1) <= good
+            deep = refine(target[far], expert_load[far], min_gain=min_gain[far], good_enough=good[far], old=table[far])
+            done = rank_cost(deep, expert_load[far]).max(axis=1) <= good[far]
             target[far[done]] = deep[done]
             far = far[~done]
         if far.size:
